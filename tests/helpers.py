@@ -1,0 +1,93 @@
+"""Tiny random models and the naive VAS reference the tests compare against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    LogitsProcessor,
+    MistralConfig,
+    Qwen2Config,
+)
+
+from vas_logits import ValueModel
+
+VOCAB_SIZE = 96
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_config(architecture: str, num_layers: int = 2, seed_offset: int = 0):
+    """A 2-layer config with a 96-token vocabulary; Mistral and Qwen2 use a short sliding window."""
+    common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    if architecture == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                           num_attention_heads=4, num_key_value_heads=2, **common)
+    if architecture == "mistral":
+        return MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=2, sliding_window=5, **common)
+    if architecture == "qwen2":  # mixed layers: the last one slides (max_window_layers=1)
+        return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                           num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                           sliding_window=4, max_window_layers=1, **common)
+    if architecture == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=num_layers, n_head=4, n_positions=256, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if architecture == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                             num_attention_heads=4, max_position_embeddings=256, **common)
+    raise ValueError(architecture)
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+
+
+def tiny_causal_lm(architecture: str, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(architecture), dtype=dtype).eval()
+
+
+def tiny_value_model(architecture: str, seed: int = 1, dtype=torch.float32) -> ValueModel:
+    """A value model with a random (non-zero) head, so its values vary across candidates."""
+    torch.manual_seed(seed)
+    value_model = ValueModel.from_backbone(tiny_config(architecture), dtype=dtype, pad_token_id=PAD)
+    with torch.no_grad():
+        value_model.head.weight.normal_(0, 1.0)
+        value_model.head.bias.normal_(0, 1.0)
+    return value_model.eval()
+
+
+class Spy(LogitsProcessor):
+    """Records (input_ids, scores) at every call and passes scores through."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, input_ids, scores):
+        self.calls.append((input_ids.clone(), scores.clone()))
+        return scores
+
+
+@torch.no_grad()
+def naive_vas(value_models, betas, input_ids, scores, top_k, pad_token_id=PAD, outside_top_k="mask"):
+    """The closed form, recomputed from scratch: V on each full (unpadded) prefix + candidate, no cache."""
+    out = torch.full_like(scores, -math.inf) if outside_top_k == "mask" else scores.clone()
+    top_k = min(top_k, scores.shape[-1])
+    candidate_scores, candidates = scores.topk(top_k, dim=-1)
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row]
+        if pad_token_id is not None:
+            real = (ids != pad_token_id).cumsum(0) > 0
+            ids = ids[real]
+        adjustment = torch.zeros(top_k)
+        for value_model, beta in zip(value_models, betas):
+            device = value_model.device
+            sequences = torch.cat([ids.repeat(top_k, 1), candidates[row][:, None]], dim=-1).to(device)
+            q = value_model(sequences).values[:, -1].float().cpu()  # (k,)
+            adjustment += beta * (q - q.mean())
+        out[row, candidates[row]] = (candidate_scores[row].float() + adjustment.to(scores.device)).to(scores.dtype)
+    return out

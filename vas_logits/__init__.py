@@ -1,0 +1,24 @@
+"""vas_logits: Value Augmented Sampling (Han et al., arXiv 2405.06639) for any Hugging Face `generate()` call.
+
+A small value model V re-weights a frozen base model's next-token distribution:
+
+    pi(a|s) ∝ pi_ref(a|s) · exp(beta · Q(s, a)),    Q(s, a) = V(s∘a)
+
+>>> from vas_logits import VAS, ValueModel
+>>> value_model = ValueModel.from_pretrained("someone/vas-sentiment")          # doctest: +SKIP
+>>> model.generate(**inputs, logits_processor=[VAS(value_model, beta=2.0)])   # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from .processor import VAS, ValueAugmentedLogitsProcessor
+from .value_model import ValueModel, ValueModelConfig, ValueModelOutput
+
+__all__ = [
+    "VAS",
+    "ValueAugmentedLogitsProcessor",
+    "ValueModel",
+    "ValueModelConfig",
+    "ValueModelOutput",
+    "__version__",
+]

@@ -1,0 +1,421 @@
+"""The value model of Value Augmented Sampling: a causal transformer backbone and a scalar head.
+
+V(s) estimates the expected final reward of the frozen base model's continuations of the prefix s
+(Han et al., "Value Augmented Sampling for Language Model Alignment and Personalization",
+arXiv 2405.06639). Decoding queries Q(s, a) = V(s∘a) for the base model's top-k candidates a.
+
+On disk and on the Hub a value model is two files, like a PEFT adapter:
+    config.json          ValueModelConfig (the backbone's transformers config is nested in it)
+    model.safetensors    backbone.* and head.* weights
+plus a model card README.md. Loading never unpickles and never runs code from the repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel, PretrainedConfig
+from transformers.utils import ModelOutput
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HEAD_TYPES = ("scalar",)
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class ValueModelConfig:
+    """Everything needed to rebuild a ValueModel, plus what a user should know before using it.
+
+    Args:
+        backbone_config: The backbone's transformers config as a dict (`PretrainedConfig.to_dict()`); its
+            `model_type` picks the architecture.
+        head: The head type. Only "scalar" (one `nn.Linear(hidden, 1)`) exists.
+        base_model: Name or path of the base model whose samples trained this value model.
+        reward: Free text describing the reward it predicts.
+        vocab_size: The token vocabulary; must equal the base model's (ids pass straight from one to the other).
+        beta: Recommended strength for `VAS(..., beta=...)`.
+        top_k: Recommended number of candidates for `VAS(..., top_k=...)`.
+        pad_token_id: The tokenizer's padding id, used by the processor to mask left padding.
+        vas_logits_version: Version of vas_logits that wrote the config.
+    """
+
+    backbone_config: dict[str, Any]
+    head: str = "scalar"
+    base_model: str | None = None
+    reward: str | None = None
+    vocab_size: int | None = None  # filled in from backbone_config when left out
+    beta: float = 1.0  # a moderate pull toward the reward; 0 is the base model
+    top_k: int = 10  # the paper's k: the rest of the distribution has negligible mass
+    pad_token_id: int | None = None
+    vas_logits_version: str = field(default_factory=_library_version)
+
+    def __post_init__(self):
+        if not isinstance(self.backbone_config, dict) or "model_type" not in self.backbone_config:
+            raise ValueError(
+                "`backbone_config` must be a dict with a 'model_type' key (a transformers config's to_dict()), "
+                f"got {type(self.backbone_config).__name__}"
+            )
+        if self.head not in HEAD_TYPES:
+            raise ValueError(f"`head` must be one of {HEAD_TYPES}, got {self.head!r}")
+        if self.vocab_size is None:
+            self.vocab_size = self.backbone_config.get("vocab_size")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ValueModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            logger.warning("Ignoring unknown ValueModelConfig fields %s (written by a newer vas_logits?)", unknown)
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ValueModelConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"Could not read a ValueModelConfig from {path}: {error}") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+
+@dataclass
+class ValueModelOutput(ModelOutput):
+    """Output of `ValueModel.forward`.
+
+    Args:
+        values: (batch, seq) float32, the value of the prefix ending at each position.
+        past_key_values: The backbone's transformers Cache when `use_cache=True`.
+    """
+
+    values: torch.Tensor | None = None
+    past_key_values: Any = None
+
+
+def _backbone_config_from_dict(values: dict[str, Any]) -> PretrainedConfig:
+    values = {key: value for key, value in values.items() if key not in ("quantization_config", "auto_map")}
+    return AutoConfig.for_model(**values)
+
+
+def _truncate_config(config: PretrainedConfig, num_layers: int | None) -> PretrainedConfig:
+    """A copy of `config` keeping the first `num_layers` layers (None keeps all)."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # e.g. a GGUF-loaded model: the copy holds plain weights
+        del config.quantization_config
+    if num_layers is None:
+        return config
+    total = config.num_hidden_layers
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or not 1 <= num_layers <= total:
+        raise ValueError(f"`num_layers` must be an int in [1, {total}] for this backbone, got {num_layers!r}")
+    config.num_hidden_layers = num_layers
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:num_layers]
+    return config
+
+
+def _build_backbone(config: PretrainedConfig, dtype: torch.dtype | None) -> PreTrainedModel:
+    # The processor scores k candidates in one forward with a custom 4-D mask, which the sdpa and eager
+    # attention kernels accept as given (flash-attention does not take arbitrary masks).
+    try:
+        return AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    except ValueError:
+        return AutoModel.from_config(config, attn_implementation="eager", dtype=dtype)
+
+
+class ValueModel(nn.Module):
+    """A causal LM backbone (no LM head) and a scalar head: V(prefix) for every prefix of the input.
+
+    Attributes:
+        config: The ValueModelConfig.
+        backbone: A transformers `AutoModel` (e.g. LlamaModel, GPT2Model).
+        head: `nn.Linear(hidden_size, 1)`, zero-initialised so a fresh value model leaves decoding unchanged.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> from vas_logits import ValueModel
+        >>> config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2)
+        >>> value_model = ValueModel.from_backbone(config)
+        >>> value_model(torch.tensor([[1, 2, 3]])).values.shape
+        torch.Size([1, 3])
+    """
+
+    def __init__(self, config: ValueModelConfig, *, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = _build_backbone(_backbone_config_from_dict(config.backbone_config), dtype)
+        hidden_size = self.backbone.config.hidden_size
+        self.head = nn.Linear(hidden_size, 1, dtype=self.backbone.dtype)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    @property
+    def backbone_config(self) -> PretrainedConfig:
+        return self.backbone.config
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> ValueModelOutput:
+        """Values of every prefix of `input_ids`.
+
+        Args:
+            input_ids: (batch, seq) token ids.
+            attention_mask: (batch, past + seq) 0/1 padding mask, or a prepared 4-D mask
+                (batch, 1, seq, past + seq) used as given, or a dict of such masks per layer type.
+            position_ids: (batch, seq). With a 2-D mask and none given, counted from each row's first real
+                token (`mask.cumsum(-1) - 1`), as `generate()` does for left-padded batches.
+            past_key_values: A transformers Cache holding the earlier tokens.
+            use_cache: Whether to return the (updated) cache.
+
+        Returns:
+            ValueModelOutput with `values` (batch, seq) float32.
+        """
+        if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+        outputs = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        values = self.head(outputs.last_hidden_state).squeeze(-1).float()  # (B, T)
+        return ValueModelOutput(values=values, past_key_values=outputs.past_key_values if use_cache else None)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_backbone(
+        cls,
+        source: PretrainedConfig | PreTrainedModel | str | os.PathLike,
+        num_layers: int | None = None,
+        dtype: torch.dtype | None = None,
+        **metadata: Any,
+    ) -> "ValueModel":
+        """A new value model (head at zero) on a backbone taken from `source`.
+
+        Args:
+            source: A transformers config (random init), a loaded (causal) LM whose LM head is dropped, or a
+                local path / Hub id of one.
+            num_layers: Keep only the first `num_layers` layers: a cheap value model cut from the base itself.
+            dtype: Parameter dtype; defaults to the source's.
+            **metadata: ValueModelConfig fields such as `base_model`, `reward`, `beta`, `top_k`, `pad_token_id`.
+
+        The weights are copied: the value model never shares a tensor with `source`.
+        """
+        if isinstance(source, PretrainedConfig):
+            config = _truncate_config(source, num_layers)
+            return cls(ValueModelConfig(backbone_config=config.to_dict(), **metadata), dtype=dtype).eval()
+        if isinstance(source, (str, os.PathLike)):
+            config = _truncate_config(AutoConfig.from_pretrained(source), num_layers)
+            source_backbone = AutoModel.from_pretrained(source, config=config, dtype=dtype)
+            metadata.setdefault("base_model", str(source))
+        elif isinstance(source, PreTrainedModel):
+            source_backbone = source.base_model
+            config = _truncate_config(source_backbone.config, num_layers)
+            metadata.setdefault("base_model", getattr(source.config, "_name_or_path", None) or None)
+        else:
+            raise TypeError(
+                "`source` must be a transformers config, a PreTrainedModel, or a path / Hub id, "
+                f"got {type(source).__name__}"
+            )
+        dtype = dtype or source_backbone.dtype
+        model = cls(ValueModelConfig(backbone_config=config.to_dict(), **metadata), dtype=dtype)
+        source_state = source_backbone.state_dict()
+        wanted = model.backbone.state_dict().keys()
+        missing = sorted(key for key in wanted if key not in source_state)
+        if missing:
+            raise ValueError(f"The source backbone lacks weights the value model needs: {missing[:10]}")
+        with torch.no_grad():  # load_state_dict copies into the new parameters: nothing is shared
+            model.backbone.load_state_dict({key: source_state[key] for key in wanted}, strict=True)
+        return model.to(device=next(source_backbone.parameters()).device).eval()
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `config.json`, `model.safetensors` and a model card `README.md` into `save_directory`."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.backbone_config = self.backbone.config.to_dict()
+        self.config.vas_logits_version = _library_version()
+        self.config.save(directory / CONFIG_NAME)
+        state = {key: tensor.detach().contiguous().cpu() for key, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / "README.md").write_text(self._model_card())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> "ValueModel":
+        """Load a value model from a local directory or a Hub repo id (through the Hub cache).
+
+        Args:
+            pretrained: A directory written by `save_pretrained`, or a Hub repo id such as "someone/vas-sentiment".
+            revision: Hub branch, tag or commit.
+            device: Where to put the model (default: CPU).
+            dtype: Parameter dtype (default: the saved one).
+            token, cache_dir, local_files_only: Passed to `huggingface_hub.hf_hub_download`. With
+                `HF_HUB_OFFLINE=1` a cached repo loads without network access.
+
+        Raises:
+            FileNotFoundError: A local directory lacks config.json or model.safetensors.
+            ValueError: A file is unreadable or truncated, or the weights' keys or shapes do not match the config.
+        """
+        config_file, weights_file = _resolve_files(pretrained, revision, token, cache_dir, local_files_only)
+        config = ValueModelConfig.load(config_file)
+        try:
+            state = load_file(str(weights_file), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"Could not read the weights file {weights_file}: {error}") from error
+        if dtype is None:
+            dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every weight is overwritten below
+            model = cls(config, dtype=dtype)
+        expected = model.state_dict().keys()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights_file} does not match {config_file}: missing keys {missing[:10]}, "
+                f"unexpected keys {unexpected[:10]}"
+            )
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{weights_file} does not match {config_file}: {error}") from error
+        model.eval()
+        return model.to(device) if device is not None else model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ) -> str:
+        """Upload config.json, model.safetensors and the model card to `repo_id` (created if needed).
+
+        Returns:
+            The URL of the commit.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload value model with vas_logits",
+                revision=revision,
+                repo_type="model",
+            )
+        return str(commit)
+
+    def _model_card(self) -> str:
+        from huggingface_hub import ModelCardData
+
+        data = ModelCardData(
+            library_name="vas_logits",
+            base_model=self.config.base_model if _looks_like_hub_id(self.config.base_model) else None,
+            tags=["vas", "value-model", "value-augmented-sampling"],
+        )
+        parameters = sum(p.numel() for p in self.parameters())
+        return (
+            f"---\n{data.to_yaml()}\n---\n\n"
+            "# Value model for Value Augmented Sampling\n\n"
+            f"A {parameters / 1e6:.1f}M-parameter `{self.backbone.config.model_type}` value model for "
+            f"[vas_logits](https://pypi.org/project/vas-logits/), trained on samples of "
+            f"`{self.config.base_model or 'an unnamed base model'}` to predict: "
+            f"{self.config.reward or 'an unnamed reward'}.\n\n"
+            "It re-weights the base model's top-k next tokens, pi(a|s) ∝ pi_ref(a|s) · exp(beta · V(s∘a)) "
+            "(Han et al., arXiv 2405.06639). Use it with the base model it was trained for: both share one "
+            f"tokenizer (vocabulary {self.config.vocab_size}).\n\n"
+            "```python\n"
+            "from vas_logits import VAS, ValueModel\n\n"
+            'value_model = ValueModel.from_pretrained("REPO_ID").to(model.device)\n'
+            "outputs = model.generate(**inputs, do_sample=True,\n"
+            f"                         logits_processor=[VAS(value_model, beta={self.config.beta}, "
+            f"top_k={self.config.top_k})])\n"
+            "```\n"
+        )
+
+
+def _looks_like_hub_id(name: str | None) -> bool:
+    return bool(name) and name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/"))
+
+
+def _resolve_files(pretrained, revision, token, cache_dir, local_files_only) -> tuple[Path, Path]:
+    directory = Path(pretrained)
+    if directory.is_dir():
+        files = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} not found: is {directory} a directory written by save_pretrained?")
+        return files
+    from huggingface_hub import hf_hub_download
+
+    return tuple(
+        Path(
+            hf_hub_download(
+                repo_id=str(pretrained),
+                filename=name,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+        )
+        for name in (CONFIG_NAME, WEIGHTS_NAME)
+    )
