@@ -75,6 +75,8 @@ class ValueModelConfig:
                 "`backbone_config` must be a dict with a 'model_type' key (a transformers config's to_dict()), "
                 f"got {type(self.backbone_config).__name__}"
             )
+        # Stored as JSON holds it (integer keys such as id2label's become strings), so equal configs compare equal.
+        self.backbone_config = json.loads(json.dumps(self.backbone_config))
         if self.head not in HEAD_TYPES:
             raise ValueError(f"`head` must be one of {HEAD_TYPES}, got {self.head!r}")
         if self.vocab_size is None:
@@ -275,7 +277,7 @@ class ValueModel(nn.Module):
         """Write `config.json`, `model.safetensors` and a model card `README.md` into `save_directory`."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.backbone_config = self.backbone.config.to_dict()
+        self.config.backbone_config = json.loads(json.dumps(self.backbone.config.to_dict()))
         self.config.vas_logits_version = _library_version()
         self.config.save(directory / CONFIG_NAME)
         state = {key: tensor.detach().contiguous().cpu() for key, tensor in self.state_dict().items()}
