@@ -91,3 +91,24 @@ def naive_vas(value_models, betas, input_ids, scores, top_k, pad_token_id=PAD, o
             adjustment += beta * (q - q.mean())
         out[row, candidates[row]] = (candidate_scores[row].float() + adjustment.to(scores.device)).to(scores.dtype)
     return out
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over the tiny models' 96 ids: <pad>=0, <s>=1, </s>=2, <unk>=3, then w4 .. w95."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3, **{f"w{i}": i for i in range(4, VOCAB_SIZE)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+GOOD_WORDS = {f"w{i}" for i in range(10, 22)}  # 12 of the 96 ids
+
+
+def count_good_words(prompts, completions):
+    """A synthetic reward: how many words of the completion are in GOOD_WORDS."""
+    return [float(sum(word in GOOD_WORDS for word in completion.split())) for completion in completions]

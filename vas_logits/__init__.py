@@ -11,7 +11,9 @@ A small value model V re-weights a frozen base model's next-token distribution:
 
 __version__ = "0.1.0"
 
+from .fit import fit
 from .processor import VAS, ValueAugmentedLogitsProcessor
+from .targets import td_lambda_targets
 from .value_model import ValueModel, ValueModelConfig, ValueModelOutput
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "ValueModelConfig",
     "ValueModelOutput",
     "__version__",
+    "fit",
+    "td_lambda_targets",
 ]

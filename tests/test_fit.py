@@ -1,0 +1,237 @@
+"""fit(): TD(lambda) targets, learning a synthetic reward, the frozen base, resuming, failures, two processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vas_logits import VAS, ValueModel, fit, td_lambda_targets
+from vas_logits.fit import _Trainer
+
+from .helpers import PAD, count_good_words, tiny_causal_lm, tiny_config, word_tokenizer
+
+
+def random_prompts(count, seed=0, words=4):
+    generator = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{int(i)}" for i in torch.randint(4, 96, (words,), generator=generator)) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------- TD(lambda)
+
+
+def hand_written_targets(values, reward, length, gamma, lam):
+    """One episode, straight from the definitions: states 0..T, reward on the last transition, s_T terminal."""
+    targets = [0.0] * len(values)
+    advantage = 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        r = reward if t == length - 1 else 0.0
+        delta = r + gamma * next_value - values[t]
+        advantage = delta + gamma * lam * advantage
+        targets[t] = advantage + values[t]
+    targets[length] = reward
+    return targets
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_td_lambda_targets_match_a_hand_written_loop(lam, gamma):
+    torch.manual_seed(0)
+    lengths = torch.tensor([1, 3, 6, 6, 2])  # short and long episodes, some ending in EOS, some cut
+    values = torch.randn(5, 7)
+    rewards = torch.randn(5)
+    targets = td_lambda_targets(values, rewards, lengths, gamma=gamma, lam=lam)
+    for row in range(5):
+        length = int(lengths[row])
+        expected = hand_written_targets(values[row].tolist(), float(rewards[row]), length, gamma, lam)
+        assert torch.allclose(targets[row, : length + 1], torch.tensor(expected[: length + 1]), atol=1e-5)
+
+
+def test_td_lambda_one_is_the_monte_carlo_return_and_zero_bootstraps():
+    values, rewards, lengths = torch.randn(2, 5), torch.tensor([2.0, -1.0]), torch.tensor([4, 2])
+    monte_carlo = td_lambda_targets(values, rewards, lengths, gamma=1.0, lam=1.0)
+    assert torch.allclose(monte_carlo[0], torch.full((5,), 2.0))
+    assert torch.allclose(monte_carlo[1, :3], torch.full((3,), -1.0))
+    bootstrap = td_lambda_targets(values, rewards, lengths, gamma=1.0, lam=0.0)
+    assert torch.allclose(bootstrap[0, :3], values[0, 1:4]) and bootstrap[0, 3] == 2.0 and bootstrap[0, 4] == 2.0
+
+
+def test_td_lambda_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="length"):
+        td_lambda_targets(torch.zeros(1, 3), torch.zeros(1), torch.tensor([3]))
+
+
+# ---------------------------------------------------------------------- learning
+
+
+@torch.no_grad()
+def mean_reward(base, tokenizer, prompts, processors, seed=0):
+    input_ids = torch.tensor(tokenizer(prompts)["input_ids"])
+    torch.manual_seed(seed)
+    output = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=0,
+                           max_new_tokens=16, pad_token_id=PAD, eos_token_id=None, logits_processor=processors)
+    completions = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return sum(count_good_words(prompts, completions)) / len(completions)
+
+
+@pytest.mark.slow
+def test_fit_then_vas_raises_the_reward_several_fold_on_unseen_prompts():
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = random_prompts(272)
+    train, unseen = prompts[:256], prompts[256:]
+    value_model = fit(base, tokenizer, train, count_good_words, samples_per_prompt=4, max_new_tokens=16, epochs=10,
+                      batch_size=16, learning_rate=3e-3, progress=False)
+    assert value_model.config.reward == "count_good_words" and value_model.config.pad_token_id == PAD
+    without = mean_reward(base, tokenizer, unseen, [VAS(value_model, beta=0.0, top_k=20)])
+    steered = mean_reward(base, tokenizer, unseen, [VAS(value_model, beta=10.0, top_k=20)])
+    assert steered >= 3 * without, (without, steered)
+
+
+def test_the_base_model_is_left_as_it_was():
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("gpt2")
+    base.train()
+    base.transformer.wte.weight.requires_grad_(False)
+    before = {key: tensor.clone() for key, tensor in base.state_dict().items()}
+    flags = {name: parameter.requires_grad for name, parameter in base.named_parameters()}
+    fit(base, tokenizer, random_prompts(8), count_good_words, samples_per_prompt=2, max_new_tokens=4, epochs=1,
+        batch_size=4, learning_rate=1e-2, progress=False)
+    assert base.training
+    assert flags == {name: parameter.requires_grad for name, parameter in base.named_parameters()}
+    assert all(parameter.grad is None for parameter in base.parameters())
+    for key, tensor in base.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+# ---------------------------------------------------------------------- nothing is lost
+
+
+class CountingReward:
+    def __init__(self, fail_on_call=None):
+        self.calls, self.fail_on_call = 0, fail_on_call
+
+    def __call__(self, prompts, completions):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("the judge is down")
+        return count_good_words(prompts, completions)
+
+
+FIT_OPTIONS = dict(samples_per_prompt=2, max_new_tokens=6, batch_size=4, learning_rate=1e-2, progress=False)
+
+
+def test_resuming_continues_from_the_checkpoint_without_resampling(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    straight = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "a", **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    reward = CountingReward()
+    resumed = fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    assert reward.calls == 0  # the stored samples were reused
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2
+    for (key, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(tensor, other, atol=1e-6), key
+    loaded = ValueModel.from_pretrained(tmp_path / "b" / "value_model")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatch):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    original, calls = _Trainer.losses, {"count": 0}
+
+    def interrupted(self, batch):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(_Trainer, "losses", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
+    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    assert state == {"epoch": 0, "step_in_epoch": 2, "global_step": 2}
+    monkeypatch.setattr(_Trainer, "losses", original)
+    reward = CountingReward()
+    fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
+    assert reward.calls == 0
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2
+
+
+def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    with pytest.raises(RuntimeError, match="sampling batch 2") as error:
+        fit(base, tokenizer, prompts, CountingReward(fail_on_call=3), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    assert "the judge is down" in str(error.value.__cause__)
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 2 * 2  # two batches of two prompts, two samples each
+    reward = CountingReward()
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    assert reward.calls == 4  # only the 8 prompts not sampled yet, two per batch
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(prompts=[]), "`prompts`"),
+        (dict(prompts=["w5", ""]), r"`prompts\[1\]`"),
+        (dict(temperature=0.0), "`temperature`"),
+        (dict(lam=1.5), "`lam`"),
+        (dict(epochs=0), "`epochs`"),
+        (dict(reward_fn=lambda p, c: [1.0]), "returned 1 rewards for 4 completions"),
+        (dict(reward_fn=lambda p, c: [float("nan")] * len(c)), "non-finite"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    arguments = dict(base_model=tiny_causal_lm("llama"), tokenizer=word_tokenizer(), prompts=random_prompts(2),
+                     reward_fn=count_good_words)
+    arguments.update(change)
+    with pytest.raises((ValueError, RuntimeError)) as error:
+        fit(**arguments, samples_per_prompt=2, max_new_tokens=3, progress=False)
+    text = str(error.value) + str(error.value.__cause__ or "")
+    assert __import__("re").search(message, text), text
+
+
+def test_a_value_model_with_another_vocabulary_is_refused():
+    config = tiny_config("llama")
+    config.vocab_size = 128
+    with pytest.raises(ValueError, match=r"vocabulary \(128\).*base model's \(96\)"):
+        fit(tiny_causal_lm("llama"), word_tokenizer(), random_prompts(2), count_good_words,
+            value_model=ValueModel.from_backbone(config), progress=False)
+
+
+# ---------------------------------------------------------------------- two processes
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo(tmp_path):
+    script = Path(__file__).with_name("fit_two_processes.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(script), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted({sample["prompt_index"] for sample in samples}) == list(range(12))
+    assert len(samples) == 12 * 2
+    value_model = ValueModel.from_pretrained(tmp_path / "value_model")
+    assert value_model.head.weight.abs().sum() > 0  # it trained
+    # Both processes ended with the same weights (DDP all-reduced the gradients).
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
+    assert all(torch.equal(ranks[0][key], value) for key, value in value_model.state_dict().items())

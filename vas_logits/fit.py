@@ -1,0 +1,351 @@
+"""fit(): train a value model on samples of a frozen base model with TD(lambda) (Han et al., arXiv 2405.06639).
+
+    samples  = the base model's own completions of the prompts, each scored once by reward_fn  (sampling.py)
+    targets  = TD(lambda) returns from the value model's current predictions                    (targets.py)
+    loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW; grad-norm clipping
+
+The base model is only sampled from: its weights, their requires_grad and its train/eval mode are as they
+were when fit() returns. With `output_dir` nothing is lost: samples are appended as they are scored, a
+checkpoint is written each epoch and on Ctrl-C, and calling fit() again resumes. Under `torchrun` or
+`accelerate launch` each process samples its shard of the prompts and DDP all-reduces the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .sampling import RewardFn, Sample, SampleStore, sample_and_score
+from .targets import state_mask, td_lambda_targets
+from .value_model import WEIGHTS_NAME, ValueModel
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_NAME = "samples.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "value_model"
+DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap to query every step
+
+
+def fit(
+    base_model,
+    tokenizer,
+    prompts: Sequence[str],
+    reward_fn: RewardFn,
+    value_model: ValueModel | None = None,
+    *,
+    samples_per_prompt: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    epochs: int = 2,
+    batch_size: int = 16,
+    learning_rate: float = 1e-5,
+    output_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    eval_fraction: float = 0.1,
+    max_grad_norm: float = 1.0,
+    generation_kwargs: dict | None = None,
+    reward_name: str | None = None,
+) -> ValueModel:
+    """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
+
+    Args:
+        base_model: A transformers causal LM (never modified).
+        tokenizer: Its tokenizer (the value model shares it).
+        prompts: Prompt strings, as they are fed to the base model (apply a chat template beforehand).
+        reward_fn: `reward_fn(prompts, completions) -> list[float]`, called once per sampling batch.
+        value_model: The model to train; default: the base's first 4 layers with a zero head.
+        samples_per_prompt: Completions sampled per prompt.
+        max_new_tokens: Longest completion; EOS ends one earlier.
+        temperature: Sampling temperature of the base (no top-k/top-p unless `generation_kwargs` asks).
+        gamma: Discount per token of the TD(lambda) returns.
+        lam: TD(lambda) trace parameter in [0, 1].
+        epochs: Passes over the samples; targets are recomputed from the current model at each visit.
+        batch_size: Completions per optimisation step (and per process under DDP).
+        learning_rate: AdamW learning rate (about 1e-5 for a 1B value model; tiny models need more).
+        output_dir: Where samples, checkpoints and the final model (`value_model/`) go; enables resuming.
+        seed: Seeds sampling, the held-out split and the shuffling.
+        progress: Show tqdm progress bars.
+        eval_fraction: Share of prompts held out to report value loss and reward correlation each epoch.
+        max_grad_norm: Gradient-norm clipping.
+        generation_kwargs: Extra arguments for the base model's generate() when sampling.
+        reward_name: Text recorded as the value model's `reward` (default: reward_fn's name).
+
+    Returns:
+        The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
+    """
+    _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
+                     learning_rate, eval_fraction)
+    rank, world_size = _setup_distributed()
+    output_dir = Path(output_dir) if output_dir is not None else None
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if value_model is None:
+        num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
+        value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
+    _check_vocabulary(value_model, base_model, tokenizer)
+    value_model.to(base_model.device)
+    value_model.config.base_model = getattr(base_model.config, "_name_or_path", None) or value_model.config.base_model
+    value_model.config.reward = reward_name or getattr(reward_fn, "__qualname__", None) or repr(reward_fn)
+    value_model.config.pad_token_id = pad_token_id
+
+    indexed = list(enumerate(prompts))
+    random.Random(seed).shuffle(indexed)
+    num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
+    eval_indices = {index for index, _ in indexed[:num_eval]}
+
+    store = SampleStore(output_dir / SAMPLES_NAME if output_dir else None)
+    samples = _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed,
+                               samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
+                               temperature=temperature, prompts_per_batch=max(1, batch_size // samples_per_prompt),
+                               pad_token_id=pad_token_id, generation_kwargs=generation_kwargs, progress=progress)
+    train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
+    eval_samples = [sample for sample in samples if sample.prompt_index in eval_indices]
+    rewards = torch.tensor([sample.reward for sample in samples])
+    logger.info("%d samples (%d held out); reward mean %.4f, std %.4f", len(samples), len(eval_samples),
+                rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
+
+    trainer = _Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
+                       output_dir, progress)
+    trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
+    value_model.eval()
+    if output_dir is not None and rank == 0:
+        value_model.save_pretrained(output_dir / FINAL_DIR)
+        logger.info("Saved the value model to %s", output_dir / FINAL_DIR)
+    return value_model
+
+
+def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
+                     learning_rate, eval_fraction) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r:.80}")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}")
+    for name, value in dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs,
+                            batch_size=batch_size).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
+    if not 0 <= lam <= 1:
+        raise ValueError(f"`lam` must be in [0, 1], got {lam!r}")
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"`gamma` must be in [0, 1], got {gamma!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}")
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
+
+
+def _check_vocabulary(value_model: ValueModel, base_model, tokenizer) -> None:
+    value_vocab = value_model.backbone_config.vocab_size
+    base_vocab = base_model.get_output_embeddings().weight.shape[0]
+    if value_vocab != base_vocab or len(tokenizer) > value_vocab:
+        raise ValueError(
+            f"The value model's vocabulary ({value_vocab}) must match the base model's ({base_vocab}) and cover "
+            f"the tokenizer's ({len(tokenizer)}): they must share one tokenizer"
+        )
+
+
+def _setup_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group that torchrun / accelerate launch describe in the env."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed, **options):
+    """Stored samples plus new ones for the prompts not sampled yet; every process gets all of them."""
+    stored = store.load() if rank == 0 else []
+    if world_size > 1:
+        shared = [stored]
+        dist.broadcast_object_list(shared, src=0)
+        stored = shared[0]
+    done = {sample.prompt_index for sample in stored}
+    missing = [item for item in sorted(indexed) if item[0] not in done]
+    if stored:
+        logger.info("Reusing %d stored samples; sampling %d more prompts", len(stored), len(missing))
+    # Each process samples its shard; only rank 0 writes, after gathering.
+    torch.manual_seed(seed * 1000 + rank + len(done))
+    was_training = base_model.training
+    base_model.eval()
+    try:
+        shard_store = store if world_size == 1 else SampleStore(None)
+        new = sample_and_score(base_model, tokenizer, missing[rank::world_size], reward_fn, shard_store,
+                               progress=options.pop("progress") and rank == 0, **options)
+    finally:
+        base_model.train(was_training)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, new)
+        new = [sample for part in gathered for sample in part]
+        if rank == 0:
+            store.append(new)
+    return stored + new
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # (B, L) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    state_positions: torch.Tensor  # (B, S) where V(s_t) is read: the last token of prompt + t completion tokens
+    lengths: torch.Tensor  # (B,) completion lengths T
+    rewards: torch.Tensor  # (B,)
+
+
+def _collate(samples: Sequence[Sample], pad_token_id: int, device) -> _Batch:
+    sequences = [sample.prompt_ids + sample.completion_ids for sample in samples]
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+    lengths = torch.tensor([len(sample.completion_ids) for sample in samples])
+    prompt_lengths = torch.tensor([len(sample.prompt_ids) for sample in samples])
+    num_states = int(lengths.max()) + 1
+    state_positions = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]
+    state_positions = state_positions.clamp(max=width - 1)  # past s_T: masked, any valid index will do
+    rewards = torch.tensor([sample.reward for sample in samples])
+    return _Batch(input_ids.to(device), attention_mask.to(device), state_positions.to(device), lengths.to(device),
+                  rewards.to(device))
+
+
+class _Trainer:
+    """The optimisation loop, its checkpoints and its evaluation; fit() above is the public face."""
+
+    def __init__(self, value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
+                 output_dir, progress):
+        self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
+        self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
+        self.output_dir, self.progress = output_dir, progress and rank == 0
+        self.device = value_model.device
+        self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
+        self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+
+    def losses(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """0.5 · masked MSE to the TD(lambda) targets; also returns the state values and mask."""
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            values = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).values  # (B, L)
+        state_values = values.float().gather(1, batch.state_positions)  # (B, S)
+        targets = td_lambda_targets(state_values, batch.rewards, batch.lengths, self.gamma, self.lam)
+        mask = state_mask(batch.lengths, state_values.shape[1])
+        loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
+        return loss, state_values, mask
+
+    def train(self, train_samples, eval_samples, epochs, batch_size, seed) -> None:
+        self._resume()
+        if self.epoch >= epochs:
+            logger.info("Training already finished (%d epochs) in %s", epochs, self.output_dir)
+            return
+        try:
+            while self.epoch < epochs:
+                batches = self._epoch_batches(len(train_samples), batch_size, seed + self.epoch)
+                bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{epochs}",
+                           unit="step", disable=not self.progress)
+                self.value_model.train()
+                for indices in batches[self.step_in_epoch :]:
+                    batch = _collate([train_samples[i] for i in indices], self.pad_token_id, self.device)
+                    loss, _, _ = self.losses(batch)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.max_grad_norm)
+                    self.optimizer.step()
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.close()
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                metrics = self.evaluate(eval_samples, batch_size)
+                if metrics:
+                    logger.info("epoch %d: held-out value loss %.4f, correlation of V with the reward %.3f",
+                                self.epoch, metrics["loss"], metrics["correlation"])
+                self._save_checkpoint()
+        except KeyboardInterrupt:
+            self._save_checkpoint()
+            logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
+                           self.output_dir / CHECKPOINT_DIR if self.output_dir else "(no output_dir: nothing)")
+            raise
+
+    def _epoch_batches(self, num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
+        """This process's batches: one shuffled order for all, padded so every process gets as many steps."""
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+        order += order[: (-len(order)) % self.world_size]
+        mine = order[self.rank :: self.world_size]
+        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+    @torch.no_grad()
+    def evaluate(self, samples, batch_size) -> dict[str, float]:
+        """Held-out value loss and the Pearson correlation of V(s_t) with each episode's reward."""
+        if not samples:
+            return {}
+        self.value_model.eval()
+        total_loss, predictions, rewards = 0.0, [], []
+        for start in range(0, len(samples), batch_size):
+            batch = _collate(samples[start : start + batch_size], self.pad_token_id, self.device)
+            loss, state_values, mask = self.losses(batch)
+            total_loss += loss.item() * len(batch.rewards)
+            predictions.append(state_values[mask])
+            rewards.append(batch.rewards[:, None].expand_as(mask)[mask])
+        stacked = torch.stack([torch.cat(predictions), torch.cat(rewards)])
+        correlation = torch.corrcoef(stacked)[0, 1].item() if stacked[1].std() > 0 else float("nan")
+        return {"loss": total_loss / len(samples), "correlation": correlation}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self) -> None:
+        if self.output_dir is None or self.rank != 0:
+            return
+        directory = self.output_dir / CHECKPOINT_DIR
+        partial = self.output_dir / (CHECKPOINT_DIR + ".partial")
+        self.value_model.save_pretrained(partial)
+        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                   partial / "training_state.pt")
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if directory.exists():  # swap in the new checkpoint only once it is complete
+            old = self.output_dir / (CHECKPOINT_DIR + ".old")
+            directory.rename(old)
+            partial.rename(directory)
+            for file in old.iterdir():
+                file.unlink()
+            old.rmdir()
+        else:
+            partial.rename(directory)
+
+    def _resume(self) -> None:
+        directory = self.output_dir / CHECKPOINT_DIR if self.output_dir else None
+        if directory is None or not (directory / "trainer_state.json").exists():
+            return
+        state = json.loads((directory / "trainer_state.json").read_text())
+        weights = load_file(str(directory / WEIGHTS_NAME), device=str(self.device))
+        self.value_model.load_state_dict(weights, strict=True)
+        training_state = torch.load(directory / "training_state.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(training_state["optimizer"])
+        torch.set_rng_state(training_state["torch_rng"].cpu())
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        logger.info("Resuming from %s: epoch %d, step %d", directory, self.epoch, self.step_in_epoch)

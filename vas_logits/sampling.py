@@ -1,0 +1,154 @@
+"""Samples from the frozen base model, scored once by the reward function and kept on disk.
+
+A value model is trained only on pi_ref's own samples (plain sampling at temperature 1 unless asked
+otherwise). Each batch is appended to a JSON-lines file as soon as it is scored, so a crash, a failing
+reward function or a Ctrl-C loses nothing, and a rerun samples only the prompts still missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt. `completion_ids` ends with EOS unless it was cut at max_new_tokens."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    reward: float
+
+
+class SampleStore:
+    """Samples as JSON lines, one per line, appended batch by batch."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path is not None else None
+
+    def load(self) -> list[Sample]:
+        if self.path is None or not self.path.exists():
+            return []
+        samples = []
+        with self.path.open() as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    samples.append(Sample(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as error:  # a line cut short by a crash
+                    logger.warning("Skipping unreadable line %d of %s: %s", line_number, self.path, error)
+        return samples
+
+    def append(self, samples: Sequence[Sample]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.writelines(json.dumps(asdict(sample)) + "\n" for sample in samples)
+            file.flush()
+            os.fsync(file.fileno())
+
+
+def check_rewards(rewards, expected: int, batch_index: int) -> list[float]:
+    """The reward function's output as floats, or a ValueError saying what is wrong with it."""
+    try:
+        rewards = [float(reward) for reward in rewards]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"reward_fn must return a list of floats, got {type(rewards).__name__}: {error}") from error
+    if len(rewards) != expected:
+        raise ValueError(f"reward_fn returned {len(rewards)} rewards for {expected} completions (batch {batch_index})")
+    bad = [reward for reward in rewards if not math.isfinite(reward)]
+    if bad:
+        raise ValueError(f"reward_fn returned non-finite rewards {bad[:5]} (batch {batch_index})")
+    return rewards
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, max_len) ids and attention mask, padded on the left as decoder-only generate() expects."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            ids[row, width - len(sequence) :] = torch.tensor(sequence)
+            mask[row, width - len(sequence) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_completion(ids: torch.Tensor, eos_token_ids: set[int]) -> list[int]:
+    """The generated ids up to and including the first EOS (generate() pads the rest)."""
+    completion = []
+    for token in ids.tolist():
+        completion.append(token)
+        if token in eos_token_ids:
+            break
+    return completion
+
+
+@torch.no_grad()
+def sample_and_score(
+    base_model,
+    tokenizer,
+    prompts: Sequence[tuple[int, str]],
+    reward_fn: RewardFn,
+    store: SampleStore,
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    prompts_per_batch: int,
+    pad_token_id: int,
+    generation_kwargs: dict | None = None,
+    progress: bool = True,
+) -> list[Sample]:
+    """Sample `samples_per_prompt` completions of each (index, text) prompt, score them, store each batch."""
+    eos = base_model.generation_config.eos_token_id
+    eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    eos_token_ids.update({tokenizer.eos_token_id} - {None})
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
+                    num_return_sequences=samples_per_prompt, max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_token_id, eos_token_id=sorted(eos_token_ids) or None)
+    sampling.update(generation_kwargs or {})
+    samples = []
+    batches = [prompts[i : i + prompts_per_batch] for i in range(0, len(prompts), prompts_per_batch)]
+    for batch_index, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
+        prompt_ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for _, text in batch]
+        input_ids, attention_mask = left_pad(prompt_ids, pad_token_id, base_model.device)
+        output = base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)
+        completions = [cut_completion(row, eos_token_ids) for row in output[:, input_ids.shape[1] :].cpu()]
+        prompt_texts = [text for _, text in batch for _ in range(samples_per_prompt)]
+        completion_texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        try:
+            rewards = check_rewards(reward_fn(prompt_texts, completion_texts), len(completions), batch_index)
+        except Exception as error:
+            where = f"; the samples of earlier batches are kept in {store.path}" if store.path else ""
+            first, last = batch[0][0], batch[-1][0]
+            raise RuntimeError(
+                f"reward_fn failed on sampling batch {batch_index} (prompts {first}..{last}){where}"
+            ) from error
+        new = [
+            Sample(index, ids, completion, reward)
+            for (index, _), ids, completion, reward in zip(
+                [item for item in batch for _ in range(samples_per_prompt)],
+                [ids for ids in prompt_ids for _ in range(samples_per_prompt)],
+                completions,
+                rewards,
+            )
+        ]
+        store.append(new)
+        samples.extend(new)
+    return samples
