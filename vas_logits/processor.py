@@ -142,6 +142,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         self._seen_ids: torch.LongTensor | None = None  # (B, C): the ids whose keys/values are cached
         self._key_is_real: torch.BoolTensor | None = None  # (B, C): False for left padding
         self._positions: torch.LongTensor | None = None  # (B, C): position ids, counted from the first real token
+        self._next_position: torch.LongTensor | None = None  # (B, 1): where this step's candidates sit
         self._caches: list[DynamicCache] = []
 
     @property
@@ -249,7 +250,9 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
             started = self._key_is_real.any(dim=-1, keepdim=True)  # (B, 1)
             new_is_real = started | (new_ids != self.pad_token_id).cumsum(dim=-1).bool()
         real_before = self._key_is_real.sum(dim=-1, keepdim=True)  # (B, 1)
-        new_positions = (real_before + new_is_real.cumsum(dim=-1) - 1).clamp(min=0)  # (B, n)
+        real_so_far = real_before + new_is_real.cumsum(dim=-1)  # (B, n)
+        new_positions = (real_so_far - 1).clamp(min=0)
+        self._next_position = real_so_far[:, -1:] if new_ids.shape[1] else real_before  # (B, 1): the candidates'
         self._key_is_real = torch.cat([self._key_is_real, new_is_real], dim=-1)
         self._positions = torch.cat([self._positions, new_positions], dim=-1)
         self._seen_ids = input_ids
@@ -266,8 +269,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         batch_size, total = key_is_real.shape
         device = key_is_real.device
         num_new = total - new_start
-        next_position = key_is_real.sum(dim=-1, keepdim=True)  # (B, 1): every candidate sits here
-        query_positions = torch.cat([key_positions[:, new_start:], next_position.expand(-1, top_k)], dim=-1)
+        query_positions = torch.cat([key_positions[:, new_start:], self._next_position.expand(-1, top_k)], dim=-1)
 
         # A new token at column c sees columns <= c; every candidate sees all prefix columns.
         columns = torch.arange(total, device=device)
@@ -286,17 +288,20 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
                 ~allowed, torch.finfo(dtype).min
             )
 
-        masks = []
+        masks, built = [], {}  # value models of one dtype and attention layout share their mask
         for value_model, (layer_types, window) in zip(self.value_models, self._layouts):
-            by_type = {}
-            for layer_type in set(layer_types):
-                allowed = prefix_allowed
-                if layer_type == "sliding_attention":  # key within the window: q_pos - k_pos < window
-                    distance = query_positions[:, :, None] - key_positions[:, None, :]
-                    allowed = allowed & (distance < window)
-                    allowed[:, new_rows, new_start + new_rows] = True
-                by_type[layer_type] = to_additive(allowed, value_model.dtype)
-            masks.append(next(iter(by_type.values())) if len(by_type) == 1 else by_type)
+            key = (value_model.dtype, frozenset(layer_types), window)
+            if key not in built:
+                by_type = {}
+                for layer_type in key[1]:
+                    allowed = prefix_allowed
+                    if layer_type == "sliding_attention":  # key within the window: q_pos - k_pos < window
+                        distance = query_positions[:, :, None] - key_positions[:, None, :]
+                        allowed = allowed & (distance < window)
+                        allowed[:, new_rows, new_start + new_rows] = True
+                    by_type[layer_type] = to_additive(allowed, value_model.dtype)
+                built[key] = next(iter(by_type.values())) if len(by_type) == 1 else by_type
+            masks.append(built[key])
         return masks, query_positions
 
 
