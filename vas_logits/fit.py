@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .sampling import RewardFn, Sample, SampleStore, sample_and_score
+from .sampling import RewardFn, Sample, SampleStore, pad_batch, sample_and_score
 from .targets import state_mask, td_lambda_targets
 from .value_model import WEIGHTS_NAME, ValueModel
 
@@ -215,13 +215,8 @@ class _Batch:
 
 
 def _collate(samples: Sequence[Sample], pad_token_id: int, device) -> _Batch:
-    sequences = [sample.prompt_ids + sample.completion_ids for sample in samples]
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        attention_mask[row, : len(sequence)] = 1
+    input_ids, attention_mask = pad_batch([s.prompt_ids + s.completion_ids for s in samples], pad_token_id, "right")
+    width = input_ids.shape[1]
     lengths = torch.tensor([len(sample.completion_ids) for sample in samples])
     prompt_lengths = torch.tensor([len(sample.prompt_ids) for sample in samples])
     num_states = int(lengths.max()) + 1

@@ -77,16 +77,17 @@ def check_rewards(rewards, expected: int, batch_index: int) -> list[float]:
     return rewards
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, max_len) ids and attention mask, padded on the left as decoder-only generate() expects."""
+def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "left"):
+    """(batch, max_len) ids and 0/1 attention mask; "left" as decoder-only generate() expects, "right" for training."""
     width = max(len(sequence) for sequence in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
         if len(sequence):
-            ids[row, width - len(sequence) :] = torch.tensor(sequence)
-            mask[row, width - len(sequence) :] = 1
-    return ids.to(device), mask.to(device)
+            columns = slice(width - len(sequence), width) if side == "left" else slice(0, len(sequence))
+            ids[row, columns] = torch.tensor(sequence)
+            mask[row, columns] = 1
+    return ids, mask
 
 
 def cut_completion(ids: torch.Tensor, eos_token_ids: set[int]) -> list[int]:
@@ -127,7 +128,7 @@ def sample_and_score(
     batches = [prompts[i : i + prompts_per_batch] for i in range(0, len(prompts), prompts_per_batch)]
     for batch_index, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):
         prompt_ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for _, text in batch]
-        input_ids, attention_mask = left_pad(prompt_ids, pad_token_id, base_model.device)
+        input_ids, attention_mask = (t.to(base_model.device) for t in pad_batch(prompt_ids, pad_token_id))
         output = base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **sampling)
         completions = [cut_completion(row, eos_token_ids) for row in output[:, input_ids.shape[1] :].cpu()]
         prompt_texts = [text for _, text in batch for _ in range(samples_per_prompt)]
