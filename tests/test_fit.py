@@ -174,6 +174,14 @@ def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
 
 
+def test_sampling_batch_size_sets_the_completions_per_generate_call(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    reward = CountingReward()
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, sampling_batch_size=8, **FIT_OPTIONS)
+    assert reward.calls == 3  # 12 prompts, 4 per call (8 completions); training batches stay at 4
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -185,6 +193,7 @@ def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):
         (dict(temperature=0.0), "`temperature`"),
         (dict(lam=1.5), "`lam`"),
         (dict(epochs=0), "`epochs`"),
+        (dict(sampling_batch_size=0), "`sampling_batch_size` must be a positive integer, got 0"),
         (dict(reward_fn=lambda p, c: [1.0]), "returned 1 rewards for 4 completions"),
         (dict(reward_fn=lambda p, c: [float("nan")] * len(c)), "non-finite"),
     ],

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gamma", type=float, default=1.0)
     parser.add_argument("--lam", type=float, default=0.95)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="completions per optimisation step")
+    parser.add_argument("--sampling-batch-size", type=int, default=None,
+                        help="completions per generate() call while sampling (default: --batch-size)")
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda (the local rank's) when available, else cpu")
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         base, tokenizer, load_prompts(args.prompts, args.prompt_field), load_reward(args.reward), value_model,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, gamma=args.gamma, lam=args.lam, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, output_dir=args.output, seed=args.seed,
+        batch_size=args.batch_size, sampling_batch_size=args.sampling_batch_size, learning_rate=args.learning_rate,
+        output_dir=args.output, seed=args.seed,
         progress=not args.no_progress, reward_name=args.reward,
     )
     logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
