@@ -25,11 +25,13 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from .static_cache import StaticColumnCache, round_up_capacity
 from .value_model import ValueModel
 
 logger = logging.getLogger(__name__)
 
 OUTSIDE_TOP_K_MODES = ("mask", "keep")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -70,6 +72,13 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         pad_token_id: The id used to left-pad prompts, masked out for the value models. Defaults to the first
             value model's `config.pad_token_id`. Leading tokens equal to it count as padding.
         outside_top_k: "mask" sets the scores outside the top-k to −inf; "keep" leaves them unchanged.
+        cache_implementation: "dynamic" (a DynamicCache per value model, the default) or "static" (buffers of
+            fixed address: a write pointer instead of crops; see `static_cache.py`). Default: "static" when
+            `compile` is set, else "dynamic".
+        compile: Compile each value model's one-token decoding step with torch.compile (CUDA graphs on a GPU:
+            mode "reduce-overhead"). The prompt's forward and multi-token steps (assisted decoding) stay eager.
+            The first steps pay for compilation, and again whenever the cache outgrows a multiple of 256
+            columns or the batch size changes.
 
     Shapes: `input_ids` (batch, seq) LongTensor, `scores` (batch, vocab) float; returns (batch, vocab) in the
     scores' dtype, a new tensor.
@@ -98,6 +107,8 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         top_k: int = 10,
         pad_token_id: int | None = None,
         outside_top_k: str = "mask",
+        cache_implementation: str | None = None,
+        compile: bool = False,
     ):
         if isinstance(value_models, ValueModel):
             value_models = [value_models]
@@ -124,6 +135,14 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
             raise ValueError(f"`pad_token_id` must be an int or None, got {pad_token_id!r}")
         if outside_top_k not in OUTSIDE_TOP_K_MODES:
             raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K_MODES}, got {outside_top_k!r}")
+        if cache_implementation is None:
+            cache_implementation = "static" if compile else "dynamic"
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`cache_implementation` must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}"
+            )
+        if compile and cache_implementation != "static":
+            raise ValueError(f"`compile=True` needs cache_implementation='static', got {cache_implementation!r}")
         vocab_sizes = {value_model.backbone_config.vocab_size for value_model in value_models}
         if len(vocab_sizes) > 1:
             raise ValueError(f"`value_models` must share one vocabulary, got vocabulary sizes {sorted(vocab_sizes)}")
@@ -133,6 +152,10 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         self.top_k = top_k
         self.pad_token_id = pad_token_id
         self.outside_top_k = outside_top_k
+        self.cache_implementation = cache_implementation
+        self.compile = bool(compile)
+        self._compiled: list | None = None  # the compiled value models, built on the first decoding step
+        self._caches: list = []
         self._layouts = [attention_layout(value_model) for value_model in self.value_models]
         self._warned_training = False
         self.reset()
@@ -143,7 +166,8 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         self._key_is_real: torch.BoolTensor | None = None  # (B, C): False for left padding
         self._positions: torch.LongTensor | None = None  # (B, C): position ids, counted from the first real token
         self._next_position: torch.LongTensor | None = None  # (B, 1): where this step's candidates sit
-        self._caches: list[DynamicCache] = []
+        if self.cache_implementation == "dynamic":
+            self._caches = []  # static buffers are kept: the next call reuses them (same addresses) if it can
 
     @property
     def cached_length(self) -> int:
@@ -156,18 +180,26 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         top_k = min(self.top_k, scores.shape[-1])
         candidate_scores, candidates = scores.topk(top_k, dim=-1)  # (B, k) each
         new_start = self._sync_state(input_ids)
-        masks, position_ids = self._step_masks(new_start, top_k)
+        key_width = None  # dynamic caches: exactly the prefix and the candidates
+        if self.cache_implementation == "static":
+            for cache in self._caches:
+                cache.ensure_capacity(input_ids.shape[1] + top_k)
+            key_width = self._caches[0].capacity  # every slot, stale ones masked
+        masks, position_ids = self._step_masks(new_start, top_k, key_width)
         step_ids = torch.cat([input_ids[:, new_start:], candidates], dim=-1)  # (B, n + k)
+        models = self.value_models
+        if self.compile and step_ids.shape[1] == 1 + top_k:  # the steady decoding step: fixed shapes
+            models = self._compiled_models(scores.device)
 
         adjustment = torch.zeros_like(candidate_scores, dtype=torch.float32)  # (B, k)
-        for value_model, beta, cache, attention_mask in zip(self.value_models, self.betas, self._caches, masks):
+        for value_model, beta, cache, attention_mask in zip(models, self.betas, self._caches, masks):
             values = value_model(
                 input_ids=step_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-            ).values[:, -top_k:]  # (B, k): Q(s, a) for each candidate a
+            ).values[:, -top_k:].clone()  # (B, k): Q(s, a) for each candidate a (a CUDA graph reuses its output)
             cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
             adjustment += beta * (values - values.mean(dim=-1, keepdim=True))
 
@@ -176,6 +208,14 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         else:
             out = scores.clone()
         return out.scatter_(-1, candidates, (candidate_scores.float() + adjustment).to(scores.dtype))
+
+    def _compiled_models(self, device: torch.device) -> list:
+        if self._compiled is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs need a GPU
+            self._compiled = [torch.compile(value_model, mode=mode, dynamic=False) for value_model in self.value_models]
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs were copied already
+        return self._compiled
 
     # ------------------------------------------------------------------ checks
 
@@ -233,7 +273,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
     def _append_columns(self, input_ids: torch.LongTensor, keep: int) -> int:
         """Keep the first `keep` cached columns and record the bookkeeping of the columns after them."""
         if keep == 0:
-            self._caches = [DynamicCache() for _ in self.value_models]
+            self._caches = self._fresh_caches(input_ids)
             self._key_is_real = input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.bool)
             self._positions = input_ids.new_zeros((input_ids.shape[0], 0))
         elif keep < self.cached_length:
@@ -258,12 +298,33 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         self._seen_ids = input_ids
         return keep
 
-    def _step_masks(self, new_start: int, top_k: int) -> tuple[list, torch.LongTensor]:
+    def _fresh_caches(self, input_ids: torch.LongTensor) -> list:
+        """Empty caches, one per value model; static buffers of the right batch size are reused in place."""
+        if self.cache_implementation == "dynamic":
+            return [DynamicCache() for _ in self.value_models]
+        batch_size, capacity = input_ids.shape[0], round_up_capacity(input_ids.shape[1] + self.top_k)
+        caches = []
+        for index, value_model in enumerate(self.value_models):
+            cache = self._caches[index] if index < len(self._caches) else None
+            first = cache.layers[0] if cache is not None else None
+            if first is not None and (not first.is_initialized or (
+                    first.keys.shape[0] == batch_size and first.keys.device == value_model.device)):
+                cache.crop(-cache.length)
+            else:
+                cache = StaticColumnCache(value_model.backbone_config.num_hidden_layers, capacity)
+            caches.append(cache)
+        return caches
+
+    def _step_masks(self, new_start: int, top_k: int, key_width: int | None = None) -> tuple[list, torch.LongTensor]:
         """Attention masks and position ids for one forward of [new tokens + k candidates] per row.
 
+        Args:
+            key_width: Key columns of the mask (static caches: their capacity; the slots past the prefix and
+                the candidates are masked). Default: C + k.
+
         Returns:
-            One mask per value model ((B, 1, n + k, C + k) additive float in its dtype, or a dict of them per
-            layer type when its layers differ), and position ids (B, n + k).
+            One mask per value model ((B, 1, n + k, key_width) additive float in its dtype, or a dict of them
+            per layer type when its layers differ), and position ids (B, n + k).
         """
         key_is_real, key_positions = self._key_is_real, self._positions  # (B, C), C = all columns incl. new
         batch_size, total = key_is_real.shape
@@ -280,6 +341,9 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         # Each candidate sees itself among the candidates; new tokens see none of them.
         candidate_allowed = torch.zeros(num_new + top_k, top_k, dtype=torch.bool, device=device)
         candidate_allowed[num_new:] = torch.eye(top_k, dtype=torch.bool, device=device)
+        if key_width is not None:  # stale static slots after the candidates: never visible
+            stale = torch.zeros(num_new + top_k, key_width - total - top_k, dtype=torch.bool, device=device)
+            candidate_allowed = torch.cat([candidate_allowed, stale], dim=-1)
         candidate_allowed = candidate_allowed.expand(batch_size, -1, -1)
 
         def to_additive(prefix: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
