@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from vas_logits import ValueModel, fit
+
 EXAMPLES = Path(__file__).resolve().parent
 CACHE = EXAMPLES / ".cache"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NUM_TRAIN_PROMPTS = 320  # value models train on the first 320 movie openings; the other 64 are held out
 
 logger = logging.getLogger("examples")
 
@@ -81,3 +86,32 @@ def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0
                                 logits_processor=processors() if processors else None, **kwargs)
         completions += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return completions
+
+
+def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, num_layers: int = 4,
+                  samples_per_prompt: int = 4, max_new_tokens: int = 24, epochs: int = 3,
+                  learning_rate: float = 5e-5, sampling_batch_size: int = 64, retrain: bool = False) -> ValueModel:
+    """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
+    training openings, cached in examples/.cache/<name>-<num_layers>layers (a second call just loads it)."""
+    output_dir = CACHE / f"{name}-{num_layers}layers"
+    saved = output_dir / "value_model"
+    if (saved / "model.safetensors").exists() and not retrain:
+        print(f"Using the value model trained earlier: {saved} (--retrain to train again)")
+        return ValueModel.from_pretrained(saved)
+    if retrain and output_dir.exists():  # fit() would resume from the stored samples and checkpoint
+        shutil.rmtree(output_dir)
+        print(f"Removed {output_dir} to train from scratch")
+    start = time.perf_counter()
+    value_model = fit(
+        model, tokenizer, movie_prompts()[:NUM_TRAIN_PROMPTS], reward_fn,
+        ValueModel.from_backbone(model, num_layers=num_layers),
+        samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, batch_size=16,
+        sampling_batch_size=sampling_batch_size, learning_rate=learning_rate, output_dir=output_dir,
+        reward_name=reward_name,
+    )
+    print(f"Trained the value model in {time.perf_counter() - start:.0f} s; saved to {saved}")
+    return value_model
+
+
+def mean_and_error(values: list[float]) -> str:
+    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"

@@ -12,36 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 
 import torch
-from common import CACHE, load_smollm2, movie_prompts, sample, vader_reward
+from common import NUM_TRAIN_PROMPTS, load_smollm2, mean_and_error, movie_prompts, sample, train_or_load, vader_reward
 
-from vas_logits import VAS, ValueModel, fit
-
-NUM_TRAIN_PROMPTS = 320  # the rest of the 384 openings are held out
-
-
-def train_or_load(model, tokenizer, args) -> ValueModel:
-    output_dir = CACHE / f"sentiment-{args.num_layers}layers"
-    saved = output_dir / "value_model"
-    if (saved / "model.safetensors").exists() and not args.retrain:
-        print(f"Using the value model trained earlier: {saved} (--retrain to train again)")
-        return ValueModel.from_pretrained(saved)
-    start = time.perf_counter()
-    value_model = fit(
-        model, tokenizer, movie_prompts()[:NUM_TRAIN_PROMPTS], vader_reward,
-        ValueModel.from_backbone(model, num_layers=args.num_layers),
-        samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
-        batch_size=16, learning_rate=args.learning_rate, output_dir=output_dir, reward_name="VADER compound sentiment",
-    )
-    print(f"Trained the value model in {time.perf_counter() - start:.0f} s; saved to {saved}")
-    return value_model
-
-
-def mean_and_error(values: list[float]) -> str:
-    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
+from vas_logits import VAS
 
 
 def main():
@@ -60,7 +36,10 @@ def main():
     print(f"torch threads: {torch.get_num_threads()}")
 
     model, tokenizer = load_smollm2()
-    value_model = train_or_load(model, tokenizer, args)
+    value_model = train_or_load(
+        model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment", num_layers=args.num_layers,
+        samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
+        learning_rate=args.learning_rate, retrain=args.retrain)
     held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
     length = dict(max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()
