@@ -1,0 +1,284 @@
+"""Reward, KL and cost of VAS against Best-of-N (and ARGS-style decoding) on SmolLM2-135M-Instruct + VADER.
+
+Every method completes the same held-out movie-review openings (the 64 that examples/sentiment.py did not
+train on), 24 new tokens, plain sampling at T=1, and is scored by the same reward (VADER compound):
+
+    base      plain sampling.
+    BoN-N     Best-of-N, N = 1, 2, 4, ... 32: the reward picks the best of N base samples. Its expected
+              reward is estimated without bias from --best-of samples per prompt (the mean of the best of
+              every N-subset); KL(BoN-N || base) = log N - (N-1)/N, the standard (upper-bound) formula.
+    VAS       one value model (trained by examples/sentiment.py, reused from its cache), a sweep of beta,
+              with outside_top_k="keep" (the closed form: tokens outside the top k keep their base score)
+              and with "mask" (the library default: only the top k can be sampled, which alone is a
+              top-k sampler far from the base in KL). KL is measured: the mean over samples of
+              sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] over the generated tokens.
+    ARGS      the reward itself scores the decoded text of every top-k candidate at every token,
+              pi(a|s) ∝ pi_ref(a|s) exp(w r(s∘a)) over the top k: VAS with Q replaced by r of the partial
+              text (Khanov et al., 2024, sampled instead of greedy). Cheap here only because VADER is a lexicon.
+
+Cost, relative to base sampling: base-model forward tokens; compute (forward tokens × matmul parameters,
+base and value model together); and measured wall time (for BoN: N × the wall time of one base sample per
+prompt, plus scoring). Writes quality.md (a markdown table), quality.png (reward vs KL, reward vs cost) and
+quality.json to --output.
+
+    python examples/sentiment.py          # trains and caches the value model (once, ~6 min on 2 CPU cores)
+    python examples/bench_quality.py      # ~15 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, pad_token_id, vader_reward
+from transformers import LogitsProcessor
+
+from vas_logits import VAS, ValueModel
+
+
+@dataclass
+class Result:
+    method: str  # base, Best-of-N, VAS, ...
+    setting: str  # N=4, β=2, ...
+    reward: float  # mean over prompts of the per-prompt mean reward
+    reward_se: float  # standard error over prompts
+    kl: float  # nats per completion
+    forward_tokens: float  # base-model forward tokens, relative to base sampling
+    compute: float  # matmul FLOPs of base + value model, relative to base sampling
+    wall: float  # seconds, relative to base sampling
+    kl_kind: str = "measured"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The completions of one method, `per_prompt` samples for each prompt (prompt-major order)."""
+
+    completions: list[str]
+    log_ratio: torch.Tensor  # (n,) summed log pi - log pi_ref over each completion's generated tokens
+    prompt_tokens: int  # real (unpadded) prompt tokens over all samples
+    new_tokens: int  # generated tokens up to and including EOS, over all samples
+    steps: int  # decoding steps over all generate() calls (each step forwards one token per row)
+    rows: int  # sum over generate() calls of rows × steps, i.e. token slots forwarded while decoding
+    seconds: float
+
+
+class ArgsStyle(LogitsProcessor):
+    """ARGS-style guidance: add w · reward(decoded prefix + candidate) to the k most likely next tokens."""
+
+    def __init__(self, tokenizer, reward_fn, weight: float, top_k: int, outside_top_k: str = "keep"):
+        self.tokenizer, self.reward_fn, self.weight, self.top_k = tokenizer, reward_fn, weight, top_k
+        self.outside_top_k = outside_top_k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        top_scores, candidates = scores.topk(self.top_k, dim=-1)  # (B, k)
+        batch_size, length = input_ids.shape
+        extended = torch.cat([input_ids[:, None, :].expand(-1, self.top_k, -1), candidates[..., None]], dim=-1)
+        texts = self.tokenizer.batch_decode(extended.reshape(-1, length + 1).tolist(), skip_special_tokens=True)
+        rewards = torch.tensor(self.reward_fn([""] * len(texts), texts), dtype=scores.dtype, device=scores.device)
+        rewards = rewards.view(batch_size, self.top_k)
+        rewards = rewards - rewards.mean(-1, keepdim=True)  # centred over the k, as VAS centres Q
+        out = torch.full_like(scores, float("-inf")) if self.outside_top_k == "mask" else scores.clone()
+        return out.scatter_(-1, candidates, top_scores + self.weight * rewards)
+
+
+@torch.no_grad()
+def run_method(model, tokenizer, prompts, per_prompt, make_processors, args) -> Run:
+    """Samples `per_prompt` completions of every prompt, in batches of --batch-size rows, and measures the
+    log-ratio of the sampling distribution to the base's on the sampled tokens."""
+    rows = [prompt for prompt in prompts for _ in range(per_prompt)]
+    completions, log_ratios = [], []
+    prompt_tokens = new_tokens = steps = slots = 0
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    for first in range(0, len(rows), args.batch_size):
+        batch = tokenizer(rows[first : first + args.batch_size], return_tensors="pt", padding=True)
+        out = model.generate(
+            **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+            pad_token_id=pad_token_id(tokenizer), logits_processor=make_processors(),
+            return_dict_in_generate=True, output_scores=True, output_logits=True,
+        )
+        new = out.sequences[:, batch["input_ids"].shape[1]:]  # (b, T)
+        # Rows that finished keep receiving pad tokens; count a row's tokens up to and including its EOS.
+        is_eos = new == tokenizer.eos_token_id
+        alive = (is_eos.cumsum(-1) - is_eos.long()) == 0  # (b, T): True up to and including the first EOS
+        policy = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, new[..., None])[..., 0]  # (b, T)
+        reference = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
+        log_ratios.append(torch.where(alive, policy - reference, 0.0).sum(-1))  # forced pads may be -inf
+        completions += tokenizer.batch_decode(new, skip_special_tokens=True)
+        prompt_tokens += int(batch["attention_mask"].sum())
+        new_tokens += int(alive.sum())
+        steps += new.shape[1]
+        slots += new.shape[0] * new.shape[1]
+    seconds = time.perf_counter() - start
+    return Run(completions, torch.cat(log_ratios), prompt_tokens, new_tokens, steps, slots, seconds)
+
+
+def per_prompt_rewards(run: Run, prompts: list[str], per_prompt: int) -> tuple[torch.Tensor, float]:
+    """(P, per_prompt) rewards and the seconds spent scoring them."""
+    start = time.perf_counter()
+    rewards = vader_reward([p for p in prompts for _ in range(per_prompt)], run.completions)
+    return torch.tensor(rewards).view(len(prompts), per_prompt), time.perf_counter() - start
+
+
+def best_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """(P,) expected max of n samples drawn without replacement from each prompt's M samples: with rewards
+    sorted ascending, sum_i C(i-1, n-1) / C(M, n) · r_(i), the unbiased estimator used for pass@k."""
+    sorted_rewards = rewards.sort(-1).values.double()
+    total = rewards.shape[1]
+    weights = torch.tensor([math.comb(i - 1, n - 1) / math.comb(total, n) for i in range(1, total + 1)],
+                           dtype=torch.float64)
+    return (sorted_rewards * weights).sum(-1).float()
+
+
+def mean_and_se(per_prompt: torch.Tensor) -> tuple[float, float]:
+    values = per_prompt.tolist()
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def matmul_parameters(module: torch.nn.Module) -> int:
+    """Parameters that cost 2 FLOPs per token (every Linear, tied LM head included; embeddings are lookups)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def write_plot(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}
+    for r in results:
+        groups.setdefault(r.method, []).append(r)
+    colours = iter(["k", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:gray"])
+    markers = iter("so^vDPX")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for name, rs in groups.items():
+        colour, marker = next(colours), next(markers)
+        for ax, x in zip(axes, ("kl", "compute", "wall")):
+            ax.errorbar([getattr(r, x) for r in rs], [r.reward for r in rs], yerr=[r.reward_se for r in rs],
+                        color=colour, marker=marker, capsize=3, label=name, linestyle="-" if len(rs) > 1 else "")
+            for r in rs:
+                ax.annotate(r.setting, (getattr(r, x), r.reward), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, color=colour)
+    axes[0].set_xlabel("KL from the base (nats per completion; Best-of-N: log N - (N-1)/N; log scale)")
+    axes[0].set_xscale("symlog", linthresh=0.1)
+    axes[1].set_xlabel("compute relative to base sampling (matmul FLOPs, log scale)")
+    axes[2].set_xlabel("wall time relative to base sampling (log scale)")
+    for ax in axes[1:]:
+        ax.set_xscale("log", base=2)
+    for ax in axes:
+        ax.set_ylabel("mean VADER reward (± s.e.)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = ["| method | mean reward ± s.e. | KL (nats) | base forward tokens | compute | wall time |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        kl = f"{r.kl:.2f}" + (" (formula)" if r.kl_kind == "formula" else "")
+        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} | {r.forward_tokens:.1f}× "
+                     f"| {r.compute:.2f}× | {r.wall:.2f}× |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--value-model", type=Path, default=CACHE / "sentiment-4layers" / "value_model",
+                        help="a saved value model (default: the one examples/sentiment.py trains)")
+    parser.add_argument("--best-of", type=int, default=32, help="base samples per prompt; BoN-N for N = 1, 2, 4 ..")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt for VAS and ARGS")
+    parser.add_argument("--betas", type=float, nargs="*", default=[2, 4, 8, 16, 32, 64],
+                        help="VAS with outside_top_k='keep': the closed form, other tokens keep their base score")
+    parser.add_argument("--masked-betas", type=float, nargs="*", default=[0, 4, 16],
+                        help="VAS with outside_top_k='mask' (the library default): only the top k can be sampled")
+    parser.add_argument("--args-weights", type=float, nargs="*", default=[2, 4, 8],
+                        help="ARGS-style reward weights (none: skip ARGS)")
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts to use (at most 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per generate() call, for every method")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (args.value_model / "model.safetensors").exists():
+        raise SystemExit(f"No value model at {args.value_model}: run examples/sentiment.py first")
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = load_smollm2()
+    value_model = ValueModel.from_pretrained(args.value_model)
+    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    base_params, value_params = matmul_parameters(model), matmul_parameters(value_model)
+    print(f"torch threads: {torch.get_num_threads()}; {len(prompts)} held-out prompts; {args.max_new_tokens} new "
+          f"tokens; matmul parameters: base {base_params / 1e6:.1f}M, value {value_params / 1e6:.1f}M")
+
+    # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
+    base_run = run_method(model, tokenizer, prompts, args.best_of, lambda: None, args)
+    base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, args.best_of)
+    per_sample = dict(  # base sampling's cost for one sample per prompt: the unit of every cost column
+        tokens=(base_run.prompt_tokens + base_run.rows) / args.best_of,
+        seconds=base_run.seconds / args.best_of,
+    )
+    print(f"base: {len(base_run.completions)} samples in {base_run.seconds:.0f} s "
+          f"(max |log pi - log pi_ref| {base_run.log_ratio.abs().max():.1e}, must be 0)")
+
+    results, n = [], 1
+    while n <= args.best_of:
+        reward, se = mean_and_se(best_of_n(base_rewards, n))
+        scoring = n * base_scoring / args.best_of if n > 1 else 0.0  # best-of-1 = base sampling: nothing to pick
+        wall = (n * per_sample["seconds"] + scoring) / per_sample["seconds"]
+        results.append(Result("Best-of-N", f"N={n}", reward, se, math.log(n) - (n - 1) / n, n, n, wall, kl_kind="formula"))
+        n *= 2
+
+    def record(group, setting, run, per_prompt, value_tokens=0.0):
+        rewards, _ = per_prompt_rewards(run, prompts, per_prompt)
+        reward, se = mean_and_se(rewards.mean(-1))
+        base_tokens = (run.prompt_tokens + run.rows) / per_prompt
+        compute = (base_tokens * base_params + value_tokens / per_prompt * value_params) / (
+            per_sample["tokens"] * base_params)
+        result = Result(group, setting, reward, se, run.log_ratio.mean().item(), base_tokens / per_sample["tokens"],
+                        compute, run.seconds / per_prompt / per_sample["seconds"],
+                        extra=dict(kl_se=(run.log_ratio.std() / len(run.log_ratio) ** 0.5).item()))
+        results.append(result)
+        print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {result.kl:.2f}, wall {result.wall:.2f}×")
+
+    for outside, betas in (("keep", args.betas), ("mask", args.masked_betas)):
+        group = "VAS" if outside == "keep" else f"VAS top-{args.top_k} only"
+        for beta in betas:
+            run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
+                             lambda: [VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k=outside)], args)
+            # The value model forwards each real prompt token once, then 1 new token + k candidates per step.
+            value_tokens = run.prompt_tokens + run.rows * (1 + args.top_k)
+            record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens)
+    for weight in args.args_weights:
+        run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
+                         lambda: [ArgsStyle(tokenizer, vader_reward, weight, args.top_k)], args)
+        record("ARGS", f"w={weight:g}", run, args.samples_per_prompt)
+
+    title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
+             f"T=1, k={args.top_k}; value model {value_params / 1e6:.0f}M matmul params")
+    table = markdown_table(results)
+    (args.output / "quality.md").write_text(f"{title}\n\n{table}\n")
+    (args.output / "quality.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    write_plot(results, args.output / "quality.png", title)
+    print(f"\n{table}\n\nWrote {args.output / 'quality.md'}, quality.png, quality.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The parts of the examples that compute figures the README reports: the Best-of-N estimator and ARGS-style
+guidance. (The examples themselves need SmolLM2 and are run by hand; see README.)"""
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import count_good_words, word_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+bench_quality = pytest.importorskip("bench_quality")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_best_of_n_is_the_mean_best_over_every_subset(n):
+    rewards = torch.randn(3, 6)
+    estimate = bench_quality.best_of_n(rewards, n)
+    for row in range(3):
+        subsets = [max(subset) for subset in itertools.combinations(rewards[row].tolist(), n)]
+        assert estimate[row].item() == pytest.approx(sum(subsets) / len(subsets), abs=1e-5)
+
+
+def test_args_style_adds_the_weighted_centred_reward_of_each_candidate_text():
+    tokenizer = word_tokenizer()
+    input_ids = tokenizer(["w5 w11", "w30 w40"], return_tensors="pt")["input_ids"]
+    torch.manual_seed(0)
+    scores = torch.randn(2, len(tokenizer))
+    scores[:, [11, 12, 50]] += 10.0  # two good words and a neutral one among the top 4
+    out = bench_quality.ArgsStyle(tokenizer, count_good_words, weight=3.0, top_k=4)(input_ids, scores)
+    top_scores, candidates = scores.topk(4, dim=-1)
+    for row in range(2):
+        text = tokenizer.decode(input_ids[row], skip_special_tokens=True)
+        rewards = torch.tensor(count_good_words(
+            [""] * 4, [f"{text} {tokenizer.convert_ids_to_tokens(int(c))}" for c in candidates[row]]))
+        assert rewards.max() - rewards.min() == 1  # candidates differ: the check below is not vacuous
+        expected = top_scores[row] + 3.0 * (rewards - rewards.mean())
+        assert torch.allclose(out[row, candidates[row]], expected)
+        others = torch.ones(scores.shape[-1], dtype=torch.bool)
+        others[candidates[row]] = False
+        assert torch.equal(out[row, others], scores[row, others])  # outside the top k: the base's scores
