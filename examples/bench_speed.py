@@ -6,6 +6,8 @@ Random weights in real shapes (speed does not depend on the values):
 
     python examples/bench_speed.py --preset cpu
     python examples/bench_speed.py --preset gpu --batch-sizes 1 8 32
+    python examples/bench_speed.py --preset gpu --compiled   # adds: base with a static cache, compiled
+                                                              # (the transformers way) vs VAS(compile=True)
 
 Prints one table per run; every ratio is taken within that run (same process, same prompts).
 """
@@ -69,7 +71,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(base, prompts, processors, new_tokens, repeats, device):
+def time_generate(base, prompts, processors, new_tokens, repeats, device, **generate_kwargs):
     """Median seconds of `repeats` generate() calls after one warm-up, and the peak CUDA memory (GiB)."""
     times = []
     if device == "cuda":
@@ -80,7 +82,7 @@ def time_generate(base, prompts, processors, new_tokens, repeats, device):
         start = time.perf_counter()
         base.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=None,
                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                      logits_processor=processors() if processors else None)
+                      logits_processor=processors() if processors else None, **generate_kwargs)
         synchronize(device)
         if attempt:  # the first call warms up kernels and allocators
             times.append(time.perf_counter() - start)
@@ -97,6 +99,9 @@ def main():
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-recompute", action="store_true", help="leave out the naive recompute contrast")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the base with cache_implementation='static' (compiled by generate()) "
+                             "against the same with VAS(compile=True)")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
     for key in ("batch_sizes", "new_tokens", "repeats"):
@@ -122,6 +127,7 @@ def main():
     print(f"# FLOP ratio of a VAS step to a plain step (weights only): {flop_ratio:.2f}x")
     print("| batch | plain tok/s | VAS tok/s | VAS / plain | recompute / plain | peak GiB plain / VAS |")
     print("|---|---|---|---|---|---|")
+    compiled_rows = []
     for batch_size in preset["batch_sizes"]:
         prompts = torch.randint(3, preset["base"]["vocab_size"], (batch_size, preset["prompt_length"]),
                                 device=preset["device"])
@@ -134,6 +140,25 @@ def main():
         tokens = batch_size * preset["new_tokens"]
         print(f"| {batch_size} | {tokens / plain:.1f} | {tokens / vas:.1f} | {vas / plain:.2f}x | "
               f"{recompute / plain:.2f}x | {plain_peak:.2f} / {vas_peak:.2f} |", flush=True)
+        if args.compiled:
+            compiled_rows.append(time_compiled(base, value_model, prompts, args.top_k, timing))
+    if args.compiled:
+        print("\n| batch | compiled plain tok/s | VAS(compile=True) tok/s | VAS / plain | peak GiB plain / VAS |")
+        print("|---|---|---|---|---|")
+        for batch_size, plain, vas, plain_peak, vas_peak in compiled_rows:
+            tokens = batch_size * preset["new_tokens"]
+            print(f"| {batch_size} | {tokens / plain:.1f} | {tokens / vas:.1f} | {vas / plain:.2f}x | "
+                  f"{plain_peak:.2f} / {vas_peak:.2f} |")
+
+
+def time_compiled(base, value_model, prompts, top_k, timing):
+    """The base with a static cache (generate() compiles its decoding forward) without and with VAS(compile=True);
+    one processor serves every call, so its compiled step and buffers are built once (in the warm-up)."""
+    static = dict(cache_implementation="static")
+    plain, plain_peak = time_generate(base, prompts, None, **timing, **static)
+    processor = VAS(value_model, beta=1.0, top_k=top_k, compile=True)
+    vas, vas_peak = time_generate(base, prompts, lambda: [processor], **timing, **static)
+    return prompts.shape[0], plain, vas, plain_peak, vas_peak
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ How it stays cheap: each value model keeps its own transformers DynamicCache who
 columns of `input_ids`. A step feeds only the tokens appended since the last step followed by the k
 candidates, in ONE forward per value model; a 4-D attention mask lets each candidate see the prefix and
 itself only (siblings at the same position), after which the k candidate entries are cropped from the
-cache. The cache thus grows by one token per step, never by k.
+cache. The cache thus grows by one token per step, never by k. With `cache_implementation="static"` the
+same columns live in fixed-address buffers (static_cache.py), so the step can be compiled (`compile=True`).
 
 A processor sees neither the attention mask nor generate()'s cache, so everything is inferred from
 `input_ids`: left padding from `pad_token_id`, beam reordering by matching each row to its parent row of
