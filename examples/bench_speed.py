@@ -9,6 +9,8 @@ Random weights in real shapes (speed does not depend on the values):
     python examples/bench_speed.py --preset gpu --compiled   # adds: base with a static cache, compiled
                                                               # (the transformers way) vs VAS(compile=True)
 
+generate() compiles a static-cache base only on accelerators: on a CPU the --compiled "plain" row runs eager.
+
 Prints one table per run; every ratio is taken within that run (same process, same prompts).
 """
 

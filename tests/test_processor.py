@@ -262,9 +262,10 @@ def test_value_model_on_another_device_is_a_clear_error():
         VAS(value_model)(torch.tensor([[BOS, 3]]), torch.randn(1, VOCAB_SIZE))
 
 
-def test_assisted_decoding_rollbacks_match_reference():
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])  # static: rollbacks move its pointer
+def test_assisted_decoding_rollbacks_match_reference(cache_implementation):
     base, assistant, value_model = tiny_causal_lm("llama"), tiny_causal_lm("llama", seed=5), tiny_value_model("llama")
-    processor = VAS(value_model, beta=1.0, top_k=5)
+    processor = VAS(value_model, beta=1.0, top_k=5, cache_implementation=cache_implementation)
     _, before, after = generate_with_spies(base, processor, prompts=PROMPTS[1:2], assistant_model=assistant,
                                            do_sample=False, max_new_tokens=12)
     lengths = [ids.shape[1] for ids, _ in before.calls]
