@@ -31,13 +31,13 @@ import argparse
 import json
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, pad_token_id, vader_reward
+from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, mean_and_se, movie_prompts, pad_token_id,
+                    vader_reward)
 from transformers import LogitsProcessor
 
 from vas_logits import VAS, ValueModel
@@ -64,9 +64,7 @@ class Run:
     completions: list[str]
     log_ratio: torch.Tensor  # (n,) summed log pi - log pi_ref over each completion's generated tokens
     prompt_tokens: int  # real (unpadded) prompt tokens over all samples
-    new_tokens: int  # generated tokens up to and including EOS, over all samples
-    steps: int  # decoding steps over all generate() calls (each step forwards one token per row)
-    rows: int  # sum over generate() calls of rows × steps, i.e. token slots forwarded while decoding
+    slots: int  # sum over generate() calls of rows × steps: the token slots forwarded while decoding
     seconds: float
 
 
@@ -95,7 +93,7 @@ def run_method(model, tokenizer, prompts, per_prompt, make_processors, args) -> 
     log-ratio of the sampling distribution to the base's on the sampled tokens."""
     rows = [prompt for prompt in prompts for _ in range(per_prompt)]
     completions, log_ratios = [], []
-    prompt_tokens = new_tokens = steps = slots = 0
+    prompt_tokens = slots = 0
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     for first in range(0, len(rows), args.batch_size):
@@ -114,11 +112,9 @@ def run_method(model, tokenizer, prompts, per_prompt, make_processors, args) -> 
         log_ratios.append(torch.where(alive, policy - reference, 0.0).sum(-1))  # forced pads may be -inf
         completions += tokenizer.batch_decode(new, skip_special_tokens=True)
         prompt_tokens += int(batch["attention_mask"].sum())
-        new_tokens += int(alive.sum())
-        steps += new.shape[1]
         slots += new.shape[0] * new.shape[1]
     seconds = time.perf_counter() - start
-    return Run(completions, torch.cat(log_ratios), prompt_tokens, new_tokens, steps, slots, seconds)
+    return Run(completions, torch.cat(log_ratios), prompt_tokens, slots, seconds)
 
 
 def per_prompt_rewards(run: Run, prompts: list[str], per_prompt: int) -> tuple[torch.Tensor, float]:
@@ -136,11 +132,6 @@ def best_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
     weights = torch.tensor([math.comb(i - 1, n - 1) / math.comb(total, n) for i in range(1, total + 1)],
                            dtype=torch.float64)
     return (sorted_rewards * weights).sum(-1).float()
-
-
-def mean_and_se(per_prompt: torch.Tensor) -> tuple[float, float]:
-    values = per_prompt.tolist()
-    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
 
 
 def matmul_parameters(module: torch.nn.Module) -> int:
@@ -189,7 +180,8 @@ def markdown_table(results: list[Result]) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         kl = f"{r.kl:.2f}" + (" (formula)" if r.kl_kind == "formula" else "")
-        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} | {r.forward_tokens:.1f}× "
+        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} "
+                     f"| {r.forward_tokens:.1f}× "
                      f"| {r.compute:.2f}× | {r.wall:.2f}× |")
     return "\n".join(lines)
 
@@ -232,7 +224,7 @@ def main():
     base_run = run_method(model, tokenizer, prompts, args.best_of, lambda: None, args)
     base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, args.best_of)
     per_sample = dict(  # base sampling's cost for one sample per prompt: the unit of every cost column
-        tokens=(base_run.prompt_tokens + base_run.rows) / args.best_of,
+        tokens=(base_run.prompt_tokens + base_run.slots) / args.best_of,
         seconds=base_run.seconds / args.best_of,
     )
     print(f"base: {len(base_run.completions)} samples in {base_run.seconds:.0f} s "
@@ -240,16 +232,17 @@ def main():
 
     results, n = [], 1
     while n <= args.best_of:
-        reward, se = mean_and_se(best_of_n(base_rewards, n))
+        reward, se = mean_and_se(best_of_n(base_rewards, n).tolist())
         scoring = n * base_scoring / args.best_of if n > 1 else 0.0  # best-of-1 = base sampling: nothing to pick
         wall = (n * per_sample["seconds"] + scoring) / per_sample["seconds"]
-        results.append(Result("Best-of-N", f"N={n}", reward, se, math.log(n) - (n - 1) / n, n, n, wall, kl_kind="formula"))
+        kl = math.log(n) - (n - 1) / n
+        results.append(Result("Best-of-N", f"N={n}", reward, se, kl, n, n, wall, kl_kind="formula"))
         n *= 2
 
     def record(group, setting, run, per_prompt, value_tokens=0.0):
         rewards, _ = per_prompt_rewards(run, prompts, per_prompt)
-        reward, se = mean_and_se(rewards.mean(-1))
-        base_tokens = (run.prompt_tokens + run.rows) / per_prompt
+        reward, se = mean_and_se(rewards.mean(-1).tolist())
+        base_tokens = (run.prompt_tokens + run.slots) / per_prompt
         compute = (base_tokens * base_params + value_tokens / per_prompt * value_params) / (
             per_sample["tokens"] * base_params)
         result = Result(group, setting, reward, se, run.log_ratio.mean().item(), base_tokens / per_sample["tokens"],
@@ -264,7 +257,7 @@ def main():
             run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
                              lambda: [VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k=outside)], args)
             # The value model forwards each real prompt token once, then 1 new token + k candidates per step.
-            value_tokens = run.prompt_tokens + run.rows * (1 + args.top_k)
+            value_tokens = run.prompt_tokens + run.slots * (1 + args.top_k)
             record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens)
     for weight in args.args_weights:
         run = run_method(model, tokenizer, prompts, args.samples_per_prompt,

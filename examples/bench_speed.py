@@ -119,7 +119,8 @@ def main():
     value_parameters = sum(p.numel() for p in value_model.parameters())
     # Matmul weights: the embedding lookup costs no FLOPs (the base's tied embedding is its LM head matmul).
     value_matmul = value_parameters - value_model.backbone.get_input_embeddings().weight.numel()
-    device_name = torch.cuda.get_device_name() if preset["device"] == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cpu_name = f"CPU, {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if preset["device"] == "cuda" else cpu_name
     print(f"# bench_speed preset={args.preset} on {device_name}; torch {torch.__version__}; {preset['dtype']}")
     print(f"# base {base_parameters / 1e6:.0f}M parameters, value model {value_parameters / 1e6:.0f}M; "
           f"prompt {preset['prompt_length']} tokens, {preset['new_tokens']} new tokens, sampling, k={args.top_k}, "

@@ -113,5 +113,10 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
     return value_model
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error."""
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
 def mean_and_error(values: list[float]) -> str:
-    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
+    return "{:+.3f} ± {:.3f}".format(*mean_and_se(values))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import (EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, sample, train_or_load,
+from common import (EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, mean_and_se, movie_prompts, sample, train_or_load,
                     vader_reward)
 
 from vas_logits import VAS
@@ -32,10 +32,6 @@ def subjectivity_reward(prompts: list[str], completions: list[str]) -> list[floa
     from textblob import TextBlob
 
     return [TextBlob(prompt + completion).sentiment.subjectivity for prompt, completion in zip(prompts, completions)]
-
-
-def standard_error(values: list[float]) -> float:
-    return statistics.stdev(values) / len(values) ** 0.5
 
 
 def write_heat_maps(grid: dict, sentiment_betas, subjectivity_betas, path: Path, title: str) -> None:
@@ -96,7 +92,8 @@ def main():
                                                                          top_k=args.top_k)],
                                  max_new_tokens=args.max_new_tokens, seed=1)
             scores = vader_reward(prompts, completions), subjectivity_reward(prompts, completions)
-            grid[b1, b2] = (*(statistics.mean(s) for s in scores), *(standard_error(s) for s in scores))
+            (sentiment_mean, sentiment_se), (subjectivity_mean, subjectivity_se) = map(mean_and_se, scores)
+            grid[b1, b2] = (sentiment_mean, subjectivity_mean, sentiment_se, subjectivity_se)
             print(f"beta sentiment {b1:+g}, subjectivity {b2:+g}: sentiment {grid[b1, b2][0]:+.3f} ± "
                   f"{grid[b1, b2][2]:.3f}, subjectivity {grid[b1, b2][1]:.3f} ± {grid[b1, b2][3]:.3f}")
 
@@ -108,8 +105,9 @@ def main():
         cells = [f"{grid[b1, b2][0]:+.2f} / {grid[b1, b2][1]:.2f}" for b2 in args.subjectivity_betas]
         lines.append(f"| **{b1:g}** | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
+    sentiment_se, subjectivity_se = (statistics.mean(g[i] for g in grid.values()) for i in (2, 3))
     note = ("Each cell: mean VADER sentiment / mean TextBlob subjectivity (standard errors about "
-            f"{statistics.mean(g[2] for g in grid.values()):.3f} / {statistics.mean(g[3] for g in grid.values()):.3f}).")
+            f"{sentiment_se:.3f} / {subjectivity_se:.3f}).")
     (args.output / "compose.md").write_text(f"{title}\n\n{table}\n\n{note}\n")
     (args.output / "compose.json").write_text(json.dumps(
         [dict(beta_sentiment=b1, beta_subjectivity=b2, sentiment=g[0], subjectivity=g[1], sentiment_se=g[2],

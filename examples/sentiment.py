@@ -53,7 +53,8 @@ def main():
 
     for prompt, plain, guided, plain_reward, guided_reward in list(
             zip(held_out, base, steered, base_rewards, vas_rewards))[: args.show]:
-        print(f"\n{prompt!r}\n  base {plain_reward:+.2f}: {prompt}{plain}\n  VAS  {guided_reward:+.2f}: {prompt}{guided}")
+        print(f"\n{prompt!r}\n  base {plain_reward:+.2f}: {prompt}{plain}"
+              f"\n  VAS  {guided_reward:+.2f}: {prompt}{guided}")
     print(f"\nMean VADER reward on {len(held_out)} unseen openings ({args.max_new_tokens} new tokens, T=1):")
     print(f"  base sampling            {mean_and_error(base_rewards)}   ({base_seconds:.1f} s)")
     print(f"  VAS beta={args.beta:g}, k={args.top_k:<3d}     {mean_and_error(vas_rewards)}   ({vas_seconds:.1f} s)")

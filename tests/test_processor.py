@@ -287,13 +287,16 @@ def test_eval_reset_starts_from_scratch():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_reference(dtype):
+@pytest.mark.parametrize("compile", [False, True])  # True: the static cache and a CUDA-graph decoding step
+def test_cuda_matches_reference(dtype, compile):
     base = tiny_causal_lm("llama", dtype=dtype).cuda()
     value_model = tiny_value_model("llama", dtype=dtype).cuda()
     prompts = PROMPTS.cuda()
-    _, before, after = generate_with_spies(base, VAS(value_model, beta=2.0, top_k=5), prompts=prompts)
-    assert_matches_reference(before, after, [value_model], [2.0], top_k=5,
-                             atol=1e-3 if dtype == torch.float32 else 0.1)
+    processor = VAS(value_model, beta=2.0, top_k=5, compile=compile)
+    for seed in range(2):  # the second call replays what the first one captured
+        _, before, after = generate_with_spies(base, processor, prompts=prompts, seed=seed)
+        assert_matches_reference(before, after, [value_model], [2.0], top_k=5,
+                                 atol=1e-3 if dtype == torch.float32 else 0.1)
 
 
 def test_value_model_in_training_mode_warns_once(caplog):

@@ -115,7 +115,8 @@ def fit(
     store = SampleStore(output_dir / SAMPLES_NAME if output_dir else None)
     samples = _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed,
                                samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-                               temperature=temperature, prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
+                               temperature=temperature,
+                               prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
                                pad_token_id=pad_token_id, generation_kwargs=generation_kwargs, progress=progress)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
     eval_samples = [sample for sample in samples if sample.prompt_index in eval_indices]

@@ -200,7 +200,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
                 position_ids=position_ids,
                 past_key_values=cache,
                 use_cache=True,
-            ).values[:, -top_k:].clone()  # (B, k): Q(s, a) for each candidate a (a CUDA graph reuses its output)
+            ).values[:, -top_k:]  # (B, k): Q(s, a) for each candidate a, used before the next forward runs
             cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
             adjustment += beta * (values - values.mean(dim=-1, keepdim=True))
 
@@ -304,17 +304,13 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         if self.cache_implementation == "dynamic":
             return [DynamicCache() for _ in self.value_models]
         batch_size, capacity = input_ids.shape[0], round_up_capacity(input_ids.shape[1] + self.top_k)
-        caches = []
-        for index, value_model in enumerate(self.value_models):
-            cache = self._caches[index] if index < len(self._caches) else None
-            first = cache.layers[0] if cache is not None else None
-            if first is not None and (not first.is_initialized or (
-                    first.keys.shape[0] == batch_size and first.keys.device == value_model.device)):
-                cache.crop(-cache.length)
-            else:
-                cache = StaticColumnCache(value_model.backbone_config.num_hidden_layers, capacity)
-            caches.append(cache)
-        return caches
+        pairs = list(zip(self._caches, self.value_models))  # empty before the first call
+        if pairs and all(cache.can_hold(batch_size, model.device) for cache, model in pairs):
+            for cache in self._caches:
+                cache.crop(-cache.length)  # the pointer back to 0; the buffers keep their addresses
+            return self._caches
+        return [StaticColumnCache(value_model.backbone_config.num_hidden_layers, capacity)
+                for value_model in self.value_models]
 
     def _step_masks(self, new_start: int, top_k: int, key_width: int | None = None) -> tuple[list, torch.LongTensor]:
         """Attention masks and position ids for one forward of [new tokens + k candidates] per row.

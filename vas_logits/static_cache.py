@@ -42,6 +42,11 @@ class StaticColumnCache(Cache):
         layer = self.layers[0]
         return int(layer.cumulative_length) if layer.is_initialized else 0
 
+    def can_hold(self, batch_size: int, device: torch.device) -> bool:
+        """Whether these buffers (if allocated yet) have this batch size and device, so a new call can reuse them."""
+        layer = self.layers[0]
+        return not layer.is_initialized or (layer.keys.shape[0] == batch_size and layer.keys.device == device)
+
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last `-tokens_to_remove` slots (as DynamicCache.crop takes it: a negative count)."""
         if tokens_to_remove > 0:
