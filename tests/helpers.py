@@ -73,14 +73,19 @@ class Spy(LogitsProcessor):
 
 
 @torch.no_grad()
-def naive_vas(value_models, betas, input_ids, scores, top_k, pad_token_id=PAD, outside_top_k="mask"):
-    """The closed form, recomputed from scratch: V on each full (unpadded) prefix + candidate, no cache."""
+def naive_vas(value_models, betas, input_ids, scores, top_k, pad_token_id=PAD, outside_top_k="mask",
+              is_real=None):
+    """The closed form, recomputed from scratch: V on each full (unpadded) prefix + candidate, no cache.
+
+    Padding: `is_real` (batch, seq) bool when given, else leading `pad_token_id`s."""
     out = torch.full_like(scores, -math.inf) if outside_top_k == "mask" else scores.clone()
     top_k = min(top_k, scores.shape[-1])
     candidate_scores, candidates = scores.topk(top_k, dim=-1)
     for row in range(input_ids.shape[0]):
         ids = input_ids[row]
-        if pad_token_id is not None:
+        if is_real is not None:
+            ids = ids[is_real[row]]
+        elif pad_token_id is not None:
             real = (ids != pad_token_id).cumsum(0) > 0
             ids = ids[real]
         adjustment = torch.zeros(top_k)

@@ -30,10 +30,19 @@ def generate_with_spies(base, processor, prompts=PROMPTS, seed=0, as_list=True, 
     return output, before, after
 
 
-def assert_matches_reference(before, after, value_models, betas, top_k, outside_top_k="mask", atol=1e-4):
-    """Every step's output equals the naive recomputation from that step's input."""
+def assert_matches_reference(before, after, value_models, betas, top_k, outside_top_k="mask", atol=1e-4,
+                             prompt_mask=None):
+    """Every step's output equals the naive recomputation from that step's input.
+
+    Padding: the prompts' `prompt_mask` (rows expanded to the batch, generated columns real) when given, else
+    leading PAD ids."""
     for step, ((ids, scores_in), (_, scores_out)) in enumerate(zip(before.calls, after.calls)):
-        expected = naive_vas(value_models, betas, ids, scores_in, top_k, outside_top_k=outside_top_k)
+        is_real = None
+        if prompt_mask is not None:
+            is_real = prompt_mask.bool().repeat_interleave(ids.shape[0] // prompt_mask.shape[0], dim=0)
+            is_real = torch.cat([is_real, is_real.new_ones(ids.shape[0], ids.shape[1] - is_real.shape[1])], -1)
+        expected = naive_vas(value_models, betas, ids, scores_in, top_k, outside_top_k=outside_top_k,
+                             is_real=is_real)
         assert scores_out.dtype == scores_in.dtype
         finite = torch.isfinite(expected)
         assert torch.equal(finite, torch.isfinite(scores_out)), f"step {step}: different tokens kept"

@@ -13,20 +13,25 @@ cache. The cache thus grows by one token per step, never by k. With `cache_imple
 same columns live in fixed-address buffers (static_cache.py), so the step can be compiled (`compile=True`).
 
 A processor sees neither the attention mask nor generate()'s cache, so everything is inferred from
-`input_ids`: left padding from `pad_token_id`, beam reordering by matching each row to its parent row of
-the previous step, a new generate() call or an assisted-decoding rollback from where the ids diverge.
+`input_ids` (stream.py): left padding from `pad_token_id` or a mask the user hands over, beam reordering by
+matching each row to its parent row of the previous step, a new generate() call or an assisted-decoding
+rollback from where the ids diverge. Each thread has its own stream, so one processor can serve several
+threads at once; a step that fails half-way leaves its stream to start over at the next call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import numbers
+import threading
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import LogitsProcessor
 
-from .static_cache import StaticColumnCache, round_up_capacity
+from .stream import DecodingStream
 from .value_model import ValueModel
 
 logger = logging.getLogger(__name__)
@@ -71,7 +76,9 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
             0 leaves the base distribution (within the top-k) unchanged; larger values chase the reward.
         top_k: How many of the base model's best tokens are valued at each step (the paper's k).
         pad_token_id: The id used to left-pad prompts, masked out for the value models. Defaults to the first
-            value model's `config.pad_token_id`. Leading tokens equal to it count as padding.
+            value model's `config.pad_token_id`, then its backbone's pad id, then its EOS id (generate()'s own
+            fallback). Leading tokens equal to it count as padding; for an exact answer whatever the ids,
+            hand over the prompts' mask with `set_attention_mask`.
         outside_top_k: "mask" sets the scores outside the top-k to −inf; "keep" leaves them unchanged.
         cache_implementation: "dynamic" (a DynamicCache per value model, the default) or "static" (buffers of
             fixed address: a write pointer instead of crops; see `static_cache.py`). Default: "static" when
@@ -79,13 +86,16 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         compile: Compile each value model's one-token decoding step with torch.compile (CUDA graphs on a GPU:
             mode "reduce-overhead"). The prompt's forward and multi-token steps (assisted decoding) stay eager.
             The first steps pay for compilation, and again whenever the cache outgrows a multiple of 256
-            columns or the batch size changes.
+            columns or the batch size changes. Compiled steps of several threads run one at a time.
 
     Shapes: `input_ids` (batch, seq) LongTensor, `scores` (batch, vocab) float; returns (batch, vocab) in the
     scores' dtype, a new tensor.
 
-    The processor keeps the value models' caches between calls. A new generate() call (other prompts, batch
-    size, or a sequence that is no continuation) is detected and the state rebuilt; `reset()` does it by hand.
+    State: the value models' caches are kept between calls, one set per thread (one processor may serve
+    several threads at once; one processor per request is the fast path, as nothing is shared). A new
+    generate() call (other prompts, batch size, or a sequence that is no continuation) is detected and the
+    state rebuilt, as it is after a call that failed half-way or after the value models' weights changed;
+    `reset()` does it by hand.
 
     Example:
         >>> import torch
@@ -118,22 +128,6 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         for index, value_model in enumerate(value_models):
             if not isinstance(value_model, ValueModel):
                 raise ValueError(f"`value_models[{index}]` must be a ValueModel, got {type(value_model).__name__}")
-        betas = [beta] if isinstance(beta, (int, float)) else beta
-        if isinstance(betas, Sequence) and len(betas) == 1 and len(value_models) > 1:
-            betas = list(betas) * len(value_models)
-        if not isinstance(betas, Sequence) or len(betas) != len(value_models):
-            raise ValueError(
-                f"`beta` must be a float or a list with one float per value model ({len(value_models)}), got {beta!r}"
-            )
-        for index, value in enumerate(betas):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`beta` must hold finite floats, got {value!r} at index {index}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"`top_k` has to be a strictly positive integer, but is {top_k!r}")
-        if pad_token_id is None:
-            pad_token_id = value_models[0].config.pad_token_id
-        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
-            raise ValueError(f"`pad_token_id` must be an int or None, got {pad_token_id!r}")
         if outside_top_k not in OUTSIDE_TOP_K_MODES:
             raise ValueError(f"`outside_top_k` must be one of {OUTSIDE_TOP_K_MODES}, got {outside_top_k!r}")
         if cache_implementation is None:
@@ -149,60 +143,111 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
             raise ValueError(f"`value_models` must share one vocabulary, got vocabulary sizes {sorted(vocab_sizes)}")
 
         self.value_models = list(value_models)
-        self.betas = [float(value) for value in betas]
-        self.top_k = top_k
-        self.pad_token_id = pad_token_id
+        self.betas = _check_betas(beta, len(self.value_models))
+        self.top_k = _check_token_id("top_k", top_k, minimum=1)
+        self.pad_token_id = _default_pad_token_id(self.value_models[0], _check_token_id("pad_token_id", pad_token_id))
         self.outside_top_k = outside_top_k
         self.cache_implementation = cache_implementation
         self.compile = bool(compile)
-        self._compiled: list | None = None  # the compiled value models, built on the first decoding step
-        self._caches: list = []
         self._layouts = [attention_layout(value_model) for value_model in self.value_models]
+        bos = self.value_models[0].backbone_config.bos_token_id
+        self._bos_token_id = bos if isinstance(bos, int) else None
+        self._compiled: list | None = None  # the compiled value models, built on the first decoding step
+        self._compile_lock = threading.Lock()  # one compiled (CUDA-graph) step at a time
+        self._local = threading.local()  # this thread's DecodingStream
+        self._generation = 0  # bumped by reset(): every thread's stream starts over at its next call
         self._warned_training = False
-        self.reset()
+
+    # ------------------------------------------------------------------ state
 
     def reset(self) -> None:
-        """Forget all cached state; the next call starts from its full `input_ids`."""
-        self._seen_ids: torch.LongTensor | None = None  # (B, C): the ids whose keys/values are cached
-        self._key_is_real: torch.BoolTensor | None = None  # (B, C): False for left padding
-        self._positions: torch.LongTensor | None = None  # (B, C): position ids, counted from the first real token
-        self._next_position: torch.LongTensor | None = None  # (B, 1): where this step's candidates sit
-        if self.cache_implementation == "dynamic":
-            self._caches = []  # static buffers are kept: the next call reuses them (same addresses) if it can
+        """Forget all cached state (every thread's, and this thread's attention mask); the next call of each
+        thread starts from its full `input_ids`. Static buffers are kept and reused."""
+        self._generation += 1
+        stream = getattr(self._local, "stream", None)
+        if stream is not None:
+            stream.prompt_mask = stream.prompt_ids = None
+
+    def set_attention_mask(self, attention_mask: torch.Tensor) -> "ValueAugmentedLogitsProcessor":
+        """Hand over the prompts' attention mask for this thread's next generate() call, so left padding is
+        known exactly instead of inferred from `pad_token_id` (needed when a real first token may equal the pad
+        id, e.g. BOS == pad). Rows expanded by `num_return_sequences` / `num_beams` are matched automatically.
+        The mask is dropped when a later call brings other prompts.
+
+        Args:
+            attention_mask: (batch, prompt_length) 0/1 or bool, as the tokenizer returned it.
+
+        Returns:
+            The processor itself: `logits_processor=[vas.set_attention_mask(inputs["attention_mask"])]`.
+        """
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError(f"`attention_mask` must be a (batch, seq) tensor, got {attention_mask!r:.80}")
+        stream = self._stream()
+        stream.prompt_mask, stream.prompt_ids = attention_mask.detach().bool().clone(), None
+        stream.forget()
+        return self
 
     @property
     def cached_length(self) -> int:
-        """How many columns of `input_ids` the value models' caches hold."""
-        return 0 if self._seen_ids is None else self._seen_ids.shape[1]
+        """How many columns of `input_ids` the value models' caches hold (in this thread)."""
+        return self._stream().cached_length
+
+    @property
+    def _caches(self) -> list:
+        return self._stream().caches
+
+    def _stream(self) -> DecodingStream:
+        """This thread's stream, started over if it is stale: after reset(), a failed step or new weights."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = DecodingStream(self.value_models, self.cache_implementation,
+                                                         self.pad_token_id, self._bos_token_id)
+        weights_version = self._weights_version()
+        if not stream.consistent or (stream.generation, stream.weights_version) != (self._generation, weights_version):
+            stream.forget()
+            stream.generation, stream.weights_version = self._generation, weights_version
+        return stream
+
+    def _weights_version(self) -> tuple:
+        """Changes whenever a value model's parameters are replaced or edited in place (load_state_dict, an
+        optimizer step, .to()): the cached keys and values then belong to other weights."""
+        return tuple((p.data_ptr(), p._version) for model in self.value_models for p in model.parameters())
+
+    # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._check_inputs(input_ids, scores)
         top_k = min(self.top_k, scores.shape[-1])
         candidate_scores, candidates = scores.topk(top_k, dim=-1)  # (B, k) each
-        new_start = self._sync_state(input_ids)
-        key_width = None  # dynamic caches: exactly the prefix and the candidates
-        if self.cache_implementation == "static":
-            for cache in self._caches:
-                cache.ensure_capacity(input_ids.shape[1] + top_k)
-            key_width = self._caches[0].capacity  # every slot, stale ones masked
-        masks, position_ids = self._step_masks(new_start, top_k, key_width)
+        stream = self._stream()
+        stream.consistent = False  # until every forward below has succeeded
+        new_start = stream.sync(input_ids, room=top_k)
+        static = self.cache_implementation == "static"
+        key_width = stream.caches[0].capacity if static else None  # static: every slot, stale ones masked
+        masks, position_ids = stream.step_masks(new_start, top_k, self._layouts, key_width)
         step_ids = torch.cat([input_ids[:, new_start:], candidates], dim=-1)  # (B, n + k)
-        models = self.value_models
-        if self.compile and step_ids.shape[1] == 1 + top_k:  # the steady decoding step: fixed shapes
-            models = self._compiled_models(scores.device)
-
-        adjustment = torch.zeros_like(candidate_scores, dtype=torch.float32)  # (B, k)
-        for value_model, beta, cache, attention_mask in zip(models, self.betas, self._caches, masks):
-            values = value_model(
-                input_ids=step_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-            ).values[:, -top_k:]  # (B, k): Q(s, a) for each candidate a, used before the next forward runs
-            cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
-            adjustment += beta * (values - values.mean(dim=-1, keepdim=True))
+        compiled = self.compile and step_ids.shape[1] == 1 + top_k  # the steady decoding step: fixed shapes
+        with self._compile_lock if compiled else contextlib.nullcontext():
+            models = self._compiled_models(scores.device) if compiled else self.value_models
+            adjustment = torch.zeros_like(candidate_scores, dtype=torch.float32)  # (B, k)
+            for value_model, beta, cache, attention_mask in zip(models, self.betas, stream.caches, masks):
+                values = value_model(
+                    input_ids=step_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).values[:, -top_k:]  # (B, k): Q(s, a) for each candidate a, used before the next forward runs
+                cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
+                adjustment += beta * (values - values.mean(dim=-1, keepdim=True))
+        if not bool(torch.isfinite(adjustment).all()):
+            raise ValueError(
+                f"VAS produced non-finite adjustments (betas {self.betas}; value model dtypes "
+                f"{[str(model.dtype) for model in self.value_models]}): a value model overflowed (fp16? load it in "
+                "bfloat16 or float32) or beta is too large for its values"
+            )
+        stream.consistent = True
 
         if self.outside_top_k == "mask":
             out = torch.full_like(scores, -math.inf)
@@ -217,8 +262,6 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs were copied already
         return self._compiled
-
-    # ------------------------------------------------------------------ checks
 
     def _check_inputs(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> None:
         if input_ids.dim() != 2 or scores.dim() != 2 or input_ids.shape[0] != scores.shape[0]:
@@ -242,128 +285,47 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
                 logger.warning("Value model %d is in training mode (dropout active); call .eval() on it.", index)
                 self._warned_training = True
 
-    # ------------------------------------------------------------------ cache bookkeeping
-
-    def _sync_state(self, input_ids: torch.LongTensor) -> int:
-        """Bring the caches in line with `input_ids`; returns the first column they do not hold yet."""
-        batch_size, length = input_ids.shape
-        cached = self.cached_length
-        if self._seen_ids is None or self._seen_ids.shape[0] != batch_size:
-            return self._append_columns(input_ids, keep=0)
-        seen = self._seen_ids
-        if length > cached:
-            if torch.equal(input_ids[:, :cached], seen):  # the usual step: one token appended to every row
-                return self._append_columns(input_ids, keep=cached)
-            # Beam search reorders rows: find each row's parent among last step's rows. Equal prefixes
-            # have equal caches, so any matching row will do.
-            matches = (input_ids[:, None, :cached] == seen[None, :, :]).all(dim=-1)  # (B, B)
-            if bool(matches.any(dim=-1).all()):
-                parents = matches.int().argmax(dim=-1)  # (B,)
-                for cache in self._caches:
-                    cache.reorder_cache(parents)
-                self._key_is_real = self._key_is_real[parents]
-                self._positions = self._positions[parents]
-                return self._append_columns(input_ids, keep=cached)
-        # Otherwise keep the longest prefix all rows share with what is cached (a rollback in assisted
-        # decoding, or a new generate() call whose prompts start alike); nothing shared means a fresh start.
-        shared = min(length, cached)
-        same_column = (input_ids[:, :shared] == seen[:, :shared]).all(dim=0)  # (shared,)
-        keep = shared if bool(same_column.all()) else int(same_column.int().argmin())
-        return self._append_columns(input_ids, keep=keep)
-
-    def _append_columns(self, input_ids: torch.LongTensor, keep: int) -> int:
-        """Keep the first `keep` cached columns and record the bookkeeping of the columns after them."""
-        if keep == 0:
-            self._caches = self._fresh_caches(input_ids)
-            self._key_is_real = input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.bool)
-            self._positions = input_ids.new_zeros((input_ids.shape[0], 0))
-        elif keep < self.cached_length:
-            for cache in self._caches:
-                cache.crop(keep - self.cached_length)
-            self._key_is_real = self._key_is_real[:, :keep]
-            self._positions = self._positions[:, :keep]
-        new_ids = input_ids[:, keep:]  # (B, n)
-        if self.pad_token_id is None:
-            new_is_real = torch.ones_like(new_ids, dtype=torch.bool)
-        else:
-            # Only leading pads are padding: once a row has a real token, every later token counts, as in
-            # generate()'s attention mask (finished rows keep receiving pad ids).
-            started = self._key_is_real.any(dim=-1, keepdim=True)  # (B, 1)
-            new_is_real = started | (new_ids != self.pad_token_id).cumsum(dim=-1).bool()
-        real_before = self._key_is_real.sum(dim=-1, keepdim=True)  # (B, 1)
-        real_so_far = real_before + new_is_real.cumsum(dim=-1)  # (B, n)
-        new_positions = (real_so_far - 1).clamp(min=0)
-        self._next_position = real_so_far[:, -1:] if new_ids.shape[1] else real_before  # (B, 1): the candidates'
-        self._key_is_real = torch.cat([self._key_is_real, new_is_real], dim=-1)
-        self._positions = torch.cat([self._positions, new_positions], dim=-1)
-        self._seen_ids = input_ids
-        return keep
-
-    def _fresh_caches(self, input_ids: torch.LongTensor) -> list:
-        """Empty caches, one per value model; static buffers of the right batch size are reused in place."""
-        if self.cache_implementation == "dynamic":
-            return [DynamicCache() for _ in self.value_models]
-        batch_size, capacity = input_ids.shape[0], round_up_capacity(input_ids.shape[1] + self.top_k)
-        pairs = list(zip(self._caches, self.value_models))  # empty before the first call
-        if pairs and all(cache.can_hold(batch_size, model.device) for cache, model in pairs):
-            for cache in self._caches:
-                cache.crop(-cache.length)  # the pointer back to 0; the buffers keep their addresses
-            return self._caches
-        return [StaticColumnCache(value_model.backbone_config.num_hidden_layers, capacity)
-                for value_model in self.value_models]
-
-    def _step_masks(self, new_start: int, top_k: int, key_width: int | None = None) -> tuple[list, torch.LongTensor]:
-        """Attention masks and position ids for one forward of [new tokens + k candidates] per row.
-
-        Args:
-            key_width: Key columns of the mask (static caches: their capacity; the slots past the prefix and
-                the candidates are masked). Default: C + k.
-
-        Returns:
-            One mask per value model ((B, 1, n + k, key_width) additive float in its dtype, or a dict of them
-            per layer type when its layers differ), and position ids (B, n + k).
-        """
-        key_is_real, key_positions = self._key_is_real, self._positions  # (B, C), C = all columns incl. new
-        batch_size, total = key_is_real.shape
-        device = key_is_real.device
-        num_new = total - new_start
-        query_positions = torch.cat([key_positions[:, new_start:], self._next_position.expand(-1, top_k)], dim=-1)
-
-        # A new token at column c sees columns <= c; every candidate sees all prefix columns.
-        columns = torch.arange(total, device=device)
-        query_limit = torch.cat([columns[new_start:] + 1, torch.full((top_k,), total, device=device)])
-        prefix_allowed = key_is_real[:, None, :] & (columns[None, None, :] < query_limit[None, :, None])
-        new_rows = torch.arange(num_new, device=device)
-        prefix_allowed[:, new_rows, new_start + new_rows] = True  # even a pad sees itself: no empty rows
-        # Each candidate sees itself among the candidates; new tokens see none of them.
-        candidate_allowed = torch.zeros(num_new + top_k, top_k, dtype=torch.bool, device=device)
-        candidate_allowed[num_new:] = torch.eye(top_k, dtype=torch.bool, device=device)
-        if key_width is not None:  # stale static slots after the candidates: never visible
-            stale = torch.zeros(num_new + top_k, key_width - total - top_k, dtype=torch.bool, device=device)
-            candidate_allowed = torch.cat([candidate_allowed, stale], dim=-1)
-        candidate_allowed = candidate_allowed.expand(batch_size, -1, -1)
-
-        def to_additive(prefix: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
-            allowed = torch.cat([prefix, candidate_allowed], dim=-1)[:, None]  # (B, 1, n + k, C + k)
-            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
-                ~allowed, torch.finfo(dtype).min
-            )
-
-        masks, built = [], {}  # value models of one dtype and attention layout share their mask
-        for value_model, (layer_types, window) in zip(self.value_models, self._layouts):
-            key = (value_model.dtype, frozenset(layer_types), window)
-            if key not in built:
-                by_type = {}
-                for layer_type in key[1]:
-                    allowed = prefix_allowed
-                    if layer_type == "sliding_attention":  # key within the window: q_pos - k_pos < window
-                        distance = query_positions[:, :, None] - key_positions[:, None, :]
-                        allowed = allowed & (distance < window)
-                        allowed[:, new_rows, new_start + new_rows] = True
-                    by_type[layer_type] = to_additive(allowed, value_model.dtype)
-                built[key] = next(iter(by_type.values())) if len(by_type) == 1 else by_type
-            masks.append(built[key])
-        return masks, query_positions
-
 
 VAS = ValueAugmentedLogitsProcessor
+
+
+def _check_betas(beta, num_models: int) -> list[float]:
+    """One finite float per value model (a single value is used for all); numpy scalars and arrays welcome."""
+    if isinstance(beta, numbers.Real) and not isinstance(beta, bool):
+        betas = [beta]
+    elif isinstance(beta, (str, bytes)):
+        betas = None
+    else:
+        try:
+            betas = list(beta)
+        except TypeError:
+            betas = None
+    if betas is not None and len(betas) == 1:
+        betas = betas * num_models
+    if betas is None or len(betas) != num_models:
+        raise ValueError(f"`beta` must be a float or a list with one float per value model ({num_models}), got {beta!r}")
+    for index, value in enumerate(betas):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"`beta` must hold finite floats, got {value!r} at index {index}")
+    return [float(value) for value in betas]
+
+
+def _check_token_id(name: str, value, minimum: int = 0) -> int | None:
+    """An int (numpy integers welcome) >= minimum, or None where allowed (minimum 0)."""
+    if value is None and minimum == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a strictly positive integer" if minimum else "an int >= 0 or None"
+        raise ValueError(f"`{name}` has to be {kind}, but is {value!r}")
+    return int(value)
+
+
+def _default_pad_token_id(value_model: ValueModel, pad_token_id: int | None) -> int | None:
+    """The pad id to infer left padding from: given, the value model's, its backbone's, or EOS as generate() does."""
+    for candidate in (pad_token_id, value_model.config.pad_token_id, value_model.backbone_config.pad_token_id,
+                      value_model.backbone_config.eos_token_id):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    return None

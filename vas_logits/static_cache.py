@@ -55,6 +55,12 @@ class StaticColumnCache(Cache):
             if layer.is_initialized:
                 layer.cumulative_length.sub_(-tokens_to_remove)
 
+    def rewind(self) -> None:
+        """Every layer's write pointer back to 0 (after a failed step the layers may disagree); buffers stay."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.zero_()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Rows become rows `beam_idx` of before, copied in place so the buffers keep their addresses."""
         for layer in self.layers:

@@ -141,6 +141,22 @@ def _truncate_config(config: PretrainedConfig, num_layers: int | None) -> Pretra
     return config
 
 
+def _check_causal(config: PretrainedConfig) -> None:
+    """A value model reads V(prefix) at every position, so position t must not see tokens after t."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = config.model_type
+    bidirectional = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bidirectional:
+        raise ValueError(
+            f"The value model's backbone must be a causal (decoder-only) language model, got model_type "
+            f"{model_type!r}{' (bidirectional: every position would see the future)' if bidirectional else ''}"
+        )
+
+
 def _build_backbone(config: PretrainedConfig, dtype: torch.dtype | None) -> PreTrainedModel:
     # The processor scores k candidates in one forward with a custom 4-D mask, which the sdpa and eager
     # attention kernels accept as given (flash-attention does not take arbitrary masks).
@@ -171,7 +187,9 @@ class ValueModel(nn.Module):
     def __init__(self, config: ValueModelConfig, *, dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
-        self.backbone = _build_backbone(_backbone_config_from_dict(config.backbone_config), dtype)
+        backbone_config = _backbone_config_from_dict(config.backbone_config)
+        _check_causal(backbone_config)
+        self.backbone = _build_backbone(backbone_config, dtype)
         hidden_size = self.backbone.config.hidden_size
         self.head = nn.Linear(hidden_size, 1, dtype=self.backbone.dtype)
         nn.init.zeros_(self.head.weight)
@@ -246,6 +264,7 @@ class ValueModel(nn.Module):
         """
         if isinstance(source, PretrainedConfig):
             config = _truncate_config(source, num_layers)
+            metadata.setdefault("pad_token_id", _pad_token_id(config))
             return cls(ValueModelConfig(backbone_config=config.to_dict(), **metadata), dtype=dtype).eval()
         if isinstance(source, (str, os.PathLike)):
             config = _truncate_config(AutoConfig.from_pretrained(source), num_layers)
@@ -260,6 +279,7 @@ class ValueModel(nn.Module):
                 "`source` must be a transformers config, a PreTrainedModel, or a path / Hub id, "
                 f"got {type(source).__name__}"
             )
+        metadata.setdefault("pad_token_id", _pad_token_id(config))
         dtype = dtype or source_backbone.dtype
         model = cls(ValueModelConfig(backbone_config=config.to_dict(), **metadata), dtype=dtype)
         source_state = source_backbone.state_dict()
@@ -316,6 +336,9 @@ class ValueModel(nn.Module):
             state = load_file(str(weights_file), device="cpu")
         except (SafetensorError, OSError) as error:
             raise ValueError(f"Could not read the weights file {weights_file}: {error}") from error
+        not_finite = sorted(key for key, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all())
+        if not_finite:
+            raise ValueError(f"{weights_file} holds non-finite (NaN or inf) weights in {not_finite[:10]}")
         if dtype is None:
             dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         from transformers.initialization import no_init_weights
@@ -392,6 +415,12 @@ class ValueModel(nn.Module):
             f"top_k={self.config.top_k})])\n"
             "```\n"
         )
+
+
+def _pad_token_id(config: PretrainedConfig) -> int | None:
+    """The config's pad id (the text config's for multimodal configs), None when it has none."""
+    pad = getattr(config.get_text_config(), "pad_token_id", None)
+    return pad if isinstance(pad, int) else None
 
 
 def _looks_like_hub_id(name: str | None) -> bool:
