@@ -127,12 +127,15 @@ FIT_OPTIONS = dict(samples_per_prompt=2, max_new_tokens=6, batch_size=4, learnin
 def test_resuming_continues_from_the_checkpoint_without_resampling(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     straight = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "a", **FIT_OPTIONS)
-    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path / "b", keep_checkpoint=True,
+        **FIT_OPTIONS)
     reward = CountingReward()
-    resumed = fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    resumed = fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path / "b", keep_checkpoint=True,
+                  **FIT_OPTIONS)
     assert reward.calls == 0  # the stored samples were reused
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
     assert state["epoch"] == 2
+    assert not (tmp_path / "a" / "checkpoint").exists()  # removed once the final model was saved (the default)
     for (key, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(tensor, other, atol=1e-6), key
     loaded = ValueModel.from_pretrained(tmp_path / "b" / "value_model")
@@ -156,7 +159,7 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
     assert state == {"epoch": 0, "step_in_epoch": 2, "global_step": 2}
     monkeypatch.setattr(_Trainer, "losses", original)
     reward = CountingReward()
-    fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, keep_checkpoint=True, **FIT_OPTIONS)
     assert reward.calls == 0
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2
 
@@ -182,6 +185,117 @@ def test_sampling_batch_size_sets_the_completions_per_generate_call(tmp_path):
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
 
 
+def test_samples_of_other_prompts_reward_or_settings_are_never_reused(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+
+    def other_reward(prompts, completions):
+        return [1.0] * len(completions)
+
+    changes = [
+        (dict(prompts=random_prompts(12, seed=1)), "prompts: stored '12 prompts, sha256"),
+        (dict(reward_fn=other_reward), r"reward: stored 'tests\.test_fit\.CountingReward', now .*other_reward"),
+        (dict(max_new_tokens=5), "max_new_tokens: stored 6, now 5"),
+        (dict(base_model=tiny_causal_lm("gpt2")), "base_model: stored"),
+    ]
+    for change, message in changes:
+        arguments = dict(base_model=base, tokenizer=tokenizer, prompts=prompts, reward_fn=CountingReward(),
+                         output_dir=tmp_path, epochs=1, **FIT_OPTIONS)
+        arguments.update(change)
+        with pytest.raises(ValueError, match=f"other settings.*{message}.*overwrite_output_dir=True"):
+            fit(**arguments)
+    reward = CountingReward()
+    fit(base, tokenizer, random_prompts(12, seed=1), reward, epochs=1, output_dir=tmp_path, overwrite_output_dir=True,
+        **FIT_OPTIONS)
+    assert reward.calls == 6  # sampled afresh
+    (tmp_path / "sampling.json").unlink()  # as written by vas_logits 0.1: samples with no record
+    with pytest.raises(ValueError, match="without a record"):
+        fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+
+
+def test_a_samples_file_cut_mid_line_is_repaired_and_the_prompt_sampled_again(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    with pytest.raises(RuntimeError):
+        fit(base, tokenizer, prompts, CountingReward(fail_on_call=3), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    samples_file = tmp_path / "samples.jsonl"
+    data = samples_file.read_bytes()
+    samples_file.write_bytes(data[:-25])  # a crash while writing the last line
+    last_prompt = json.loads(data.decode().splitlines()[-1])["prompt_index"]
+    reward = CountingReward()
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]  # every line parses
+    assert len(samples) == 12 * 2
+    counts = {index: sum(s["prompt_index"] == index for s in samples) for index in range(12)}
+    assert counts == dict.fromkeys(range(12), 2)
+    assert reward.calls == 5  # the 8 prompts never sampled and the one whose sample was cut, two per call
+    assert last_prompt in counts
+
+
+def rename_that_fails(after: int):
+    """Path.rename that raises KeyboardInterrupt from its `after`-th call on (a Ctrl-C during a checkpoint swap)."""
+    original, calls = Path.rename, {"count": 0}
+
+    def rename(self, target):
+        calls["count"] += 1
+        if calls["count"] >= after:
+            raise KeyboardInterrupt
+        return original(self, target)
+
+    return rename
+
+
+@pytest.mark.parametrize("fail_from", ["rename 2", "rename 3", "training_state"])
+def test_an_interrupt_at_any_point_of_the_checkpoint_swap_resumes(tmp_path, monkeypatch, fail_from):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    straight = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "a", **FIT_OPTIONS)
+    # The first save (epoch 1) renames once; the second (epoch 2) renames checkpoint -> old, partial -> checkpoint.
+    with monkeypatch.context() as patch:
+        if fail_from == "training_state":  # the second save dies while writing its folder
+            original_save, saves = torch.save, {"count": 0}
+
+            def save(*args, **kwargs):
+                saves["count"] += 1
+                if saves["count"] >= 2:
+                    raise KeyboardInterrupt
+                return original_save(*args, **kwargs)
+
+            patch.setattr(torch, "save", save)
+        else:
+            patch.setattr(Path, "rename", rename_that_fails(int(fail_from.split()[1])))
+        with pytest.raises(KeyboardInterrupt):
+            fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    resumed = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    for (key, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(tensor, other, atol=1e-6), key
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["samples.jsonl", "sampling.json",
+                                                                         "value_model"]
+
+
+def test_an_unwritable_output_dir_fails_before_sampling(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    reward = CountingReward()
+    with pytest.raises(ValueError, match="`output_dir` .*a_file/run is not writable"):
+        fit(tiny_causal_lm("llama"), word_tokenizer(), random_prompts(4), reward, output_dir=tmp_path / "a_file" / "run",
+            **FIT_OPTIONS)
+    assert reward.calls == 0
+
+
+def test_a_failing_first_batch_names_no_samples_file(tmp_path):
+    with pytest.raises(RuntimeError, match="sampling batch 0") as error:
+        fit(tiny_causal_lm("llama"), word_tokenizer(), random_prompts(4), CountingReward(fail_on_call=1),
+            output_dir=tmp_path, **FIT_OPTIONS)
+    assert "kept in" not in str(error.value)
+
+
+def test_prompts_from_any_iterable_and_a_clear_error_for_dataset_rows():
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    value_model = fit(base, tokenizer, (prompt for prompt in random_prompts(4)), count_good_words, epochs=1,
+                      **FIT_OPTIONS)
+    assert value_model.config.reward == "count_good_words"
+    with pytest.raises(ValueError, match=r"`prompts\[0\]`.*dataset\['prompt'\]"):
+        fit(base, tokenizer, [{"prompt": "w5 w6"}], count_good_words, **FIT_OPTIONS)
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -189,6 +303,7 @@ def test_sampling_batch_size_sets_the_completions_per_generate_call(tmp_path):
     "change,message",
     [
         (dict(prompts=[]), "`prompts`"),
+        (dict(prompts="w5 w6"), "`prompts` must be a list"),
         (dict(prompts=["w5", ""]), r"`prompts\[1\]`"),
         (dict(temperature=0.0), "`temperature`"),
         (dict(lam=1.5), "`lam`"),

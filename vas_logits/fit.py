@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,22 +27,20 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .run_dir import COMPLETE_MARKER, RunDirectory, sampling_fingerprint
 from .sampling import RewardFn, Sample, SampleStore, pad_batch, sample_and_score
 from .targets import state_mask, td_lambda_targets
 from .value_model import WEIGHTS_NAME, ValueModel
 
 logger = logging.getLogger(__name__)
 
-SAMPLES_NAME = "samples.jsonl"
-CHECKPOINT_DIR = "checkpoint"
-FINAL_DIR = "value_model"
 DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap to query every step
 
 
 def fit(
     base_model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Iterable[str],
     reward_fn: RewardFn,
     value_model: ValueModel | None = None,
     *,
@@ -62,13 +60,16 @@ def fit(
     max_grad_norm: float = 1.0,
     generation_kwargs: dict | None = None,
     reward_name: str | None = None,
+    overwrite_output_dir: bool = False,
+    keep_checkpoint: bool = False,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
     Args:
         base_model: A transformers causal LM (never modified).
         tokenizer: Its tokenizer (the value model shares it).
-        prompts: Prompt strings, as they are fed to the base model (apply a chat template beforehand).
+        prompts: Prompt strings, as they are fed to the base model (apply a chat template beforehand): a list,
+            a `datasets` column such as `dataset["prompt"]`, or any iterable of strings.
         reward_fn: `reward_fn(prompts, completions) -> list[float]`, called once per sampling batch.
         value_model: The model to train; default: the base's first 4 layers with a zero head.
         samples_per_prompt: Completions sampled per prompt.
@@ -81,22 +82,27 @@ def fit(
         sampling_batch_size: Completions per generate() call while sampling (default: `batch_size`). Larger
             batches sample faster; sampling is most of fit()'s time for small value models.
         learning_rate: AdamW learning rate (about 1e-5 for a 1B value model; tiny models need more).
-        output_dir: Where samples, checkpoints and the final model (`value_model/`) go; enables resuming.
+        output_dir: Where samples, checkpoints and the final model (`value_model/`) go; enables resuming. Its
+            stored samples are reused only if the prompts, reward, base model, tokenizer and sampling settings
+            are the same (recorded in `sampling.json`); otherwise fit() stops with the differences.
         seed: Seeds sampling, the held-out split and the shuffling.
         progress: Show tqdm progress bars.
         eval_fraction: Share of prompts held out to report value loss and reward correlation each epoch.
         max_grad_norm: Gradient-norm clipping.
         generation_kwargs: Extra arguments for the base model's generate() when sampling.
         reward_name: Text recorded as the value model's `reward` (default: reward_fn's name).
+        overwrite_output_dir: Delete the samples, checkpoints and model already in `output_dir` and start over.
+        keep_checkpoint: Keep `output_dir/checkpoint` (weights and optimizer state, about 3× the model's size)
+            after the final model is saved, e.g. to continue training later with more epochs.
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
     sampling_batch_size = batch_size if sampling_batch_size is None else sampling_batch_size
+    prompts = _as_prompt_list(prompts)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
                      sampling_batch_size, learning_rate, eval_fraction)
     rank, world_size = _setup_distributed()
-    output_dir = Path(output_dir) if output_dir is not None else None
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if value_model is None:
         num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
@@ -104,15 +110,28 @@ def fit(
     _check_vocabulary(value_model, base_model, tokenizer)
     value_model.to(base_model.device)
     value_model.config.base_model = getattr(base_model.config, "_name_or_path", None) or value_model.config.base_model
-    value_model.config.reward = reward_name or getattr(reward_fn, "__qualname__", None) or repr(reward_fn)
+    value_model.config.reward = reward_name or _callable_name(reward_fn)
     value_model.config.pad_token_id = pad_token_id
+
+    run = RunDirectory(output_dir) if output_dir is not None else None
+    if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
+        fingerprint = sampling_fingerprint(
+            base_model, tokenizer, prompts, reward_name or _callable_name(reward_fn, qualified=True),
+            samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+            generation_kwargs=generation_kwargs or {})
+        run.check(fingerprint, overwrite_output_dir)
+        if rank == 0:
+            run.prepare(fingerprint, overwrite_output_dir)
+            run.recover_checkpoint()
+        if world_size > 1:
+            dist.barrier()
 
     indexed = list(enumerate(prompts))
     random.Random(seed).shuffle(indexed)
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
-    store = SampleStore(output_dir / SAMPLES_NAME if output_dir else None)
+    store = SampleStore(run.samples if run else None)
     samples = _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed,
                                samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
                                temperature=temperature,
@@ -125,22 +144,39 @@ def fit(
                 rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
 
     trainer = _Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                       output_dir, progress)
+                       run, progress)
     trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
     value_model.eval()
-    if output_dir is not None and rank == 0:
-        value_model.save_pretrained(output_dir / FINAL_DIR)
-        logger.info("Saved the value model to %s", output_dir / FINAL_DIR)
+    if run is not None and rank == 0:
+        value_model.save_pretrained(run.final)
+        if not keep_checkpoint:
+            run.remove_checkpoints()
+        logger.info("Saved the value model to %s", run.final)
     return value_model
+
+
+def _as_prompt_list(prompts) -> list[str]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise ValueError(f"`prompts` must be a list (or any iterable) of strings, got {prompts!r:.80}")
+    return list(prompts)
+
+
+def _callable_name(function, qualified: bool = False) -> str:
+    """A reward function's name: `module.qualname` when `qualified` (for the fingerprint), else its qualname."""
+    target = function if hasattr(function, "__qualname__") else type(function)
+    name = getattr(target, "__qualname__", None) or repr(function)
+    return f"{getattr(target, '__module__', '')}.{name}" if qualified else name
 
 
 def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
                      sampling_batch_size, learning_rate, eval_fraction) -> None:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"`prompts` must be a non-empty list of strings, got {prompts!r:.80}")
+    if len(prompts) == 0:
+        raise ValueError("`prompts` must hold at least one prompt, got an empty list")
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}")
+            hint = " (a datasets.Dataset yields rows: pass one column, e.g. dataset['prompt'])" \
+                if isinstance(prompt, dict) else ""
+            raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}{hint}")
     for name, value in dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs,
                             batch_size=batch_size, sampling_batch_size=sampling_batch_size).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -182,7 +218,7 @@ def _setup_distributed() -> tuple[int, int]:
 
 def _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed, **options):
     """Stored samples plus new ones for the prompts not sampled yet; every process gets all of them."""
-    stored = store.load() if rank == 0 else []
+    stored = store.load(options["samples_per_prompt"]) if rank == 0 else []
     if world_size > 1:
         shared = [stored]
         dist.broadcast_object_list(shared, src=0)
@@ -236,10 +272,10 @@ class _Trainer:
     """The optimisation loop, its checkpoints and its evaluation; fit() above is the public face."""
 
     def __init__(self, value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                 output_dir, progress):
+                 run: RunDirectory | None, progress):
         self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
-        self.output_dir, self.progress = output_dir, progress and rank == 0
+        self.run, self.progress = run, progress and rank == 0
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
         self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
@@ -259,7 +295,7 @@ class _Trainer:
     def train(self, train_samples, eval_samples, epochs, batch_size, seed) -> None:
         self._resume()
         if self.epoch >= epochs:
-            logger.info("Training already finished (%d epochs) in %s", epochs, self.output_dir)
+            logger.info("Training already finished (%d epochs) in %s", epochs, self.run.path)
             return
         try:
             while self.epoch < epochs:
@@ -288,7 +324,7 @@ class _Trainer:
         except KeyboardInterrupt:
             self._save_checkpoint()
             logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
-                           self.output_dir / CHECKPOINT_DIR if self.output_dir else "(no output_dir: nothing)")
+                           self.run.checkpoint if self.run else "(no output_dir: nothing)")
             raise
 
     def _epoch_batches(self, num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -318,32 +354,31 @@ class _Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self) -> None:
-        if self.output_dir is None or self.rank != 0:
+        if self.run is None or self.rank != 0:
             return
-        directory = self.output_dir / CHECKPOINT_DIR
-        partial = self.output_dir / (CHECKPOINT_DIR + ".partial")
-        self.value_model.save_pretrained(partial)
-        torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-                   partial / "training_state.pt")
-        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if directory.exists():  # swap in the new checkpoint only once it is complete
-            old = self.output_dir / (CHECKPOINT_DIR + ".old")
-            directory.rename(old)
-            partial.rename(directory)
-            for file in old.iterdir():
-                file.unlink()
-            old.rmdir()
-        else:
-            partial.rename(directory)
+
+        def write(folder: Path) -> None:
+            self.value_model.save_pretrained(folder)
+            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
+                       folder / "training_state.pt")
+            state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+            (folder / COMPLETE_MARKER).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+
+        self.run.write_checkpoint(write)
 
     def _resume(self) -> None:
-        directory = self.output_dir / CHECKPOINT_DIR if self.output_dir else None
-        if directory is None or not (directory / "trainer_state.json").exists():
+        directory = self.run.latest_checkpoint() if self.run else None
+        if directory is None:
             return
-        state = json.loads((directory / "trainer_state.json").read_text())
+        state = json.loads((directory / COMPLETE_MARKER).read_text())
         weights = load_file(str(directory / WEIGHTS_NAME), device=str(self.device))
-        self.value_model.load_state_dict(weights, strict=True)
+        try:
+            self.value_model.load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            raise ValueError(
+                f"The checkpoint in {directory} belongs to another value model (other layers or sizes): use a new "
+                f"output_dir, or overwrite_output_dir=True to start over. {error}"
+            ) from error
         training_state = torch.load(directory / "training_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(training_state["optimizer"])
         torch.set_rng_state(training_state["torch_rng"].cpu())

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,19 +40,39 @@ class SampleStore:
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
 
-    def load(self) -> list[Sample]:
+    def load(self, samples_per_prompt: int | None = None) -> list[Sample]:
+        """The stored samples. The file is repaired first: a last line cut short by a crash, unreadable lines
+        and prompts with fewer than `samples_per_prompt` samples are dropped (and so sampled again)."""
         if self.path is None or not self.path.exists():
             return []
-        samples = []
-        with self.path.open() as file:
-            for line_number, line in enumerate(file, 1):
-                if not line.strip():
-                    continue
-                try:
-                    samples.append(Sample(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError) as error:  # a line cut short by a crash
-                    logger.warning("Skipping unreadable line %d of %s: %s", line_number, self.path, error)
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # b"" when not even one line was finished
+        samples, damaged = [], len(complete) < len(data)
+        for line_number, line in enumerate(complete.decode(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(Sample(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as error:
+                logger.warning("Dropping unreadable line %d of %s: %s", line_number, self.path, error)
+                damaged = True
+        counts = Counter(sample.prompt_index for sample in samples)
+        incomplete = {index for index, count in counts.items() if samples_per_prompt and count < samples_per_prompt}
+        if damaged or incomplete:
+            samples = [sample for sample in samples if sample.prompt_index not in incomplete]
+            logger.warning("Repaired %s: kept %d complete samples; %d prompts with missing samples will be sampled "
+                           "again", self.path, len(samples), len(incomplete))
+            self._rewrite(samples)
         return samples
+
+    def _rewrite(self, samples: Sequence[Sample]) -> None:
+        """Replace the file atomically: a crash leaves either the old or the new file, never a mix."""
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with temporary.open("w") as file:
+            file.writelines(json.dumps(asdict(sample)) + "\n" for sample in samples)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
 
     def append(self, samples: Sequence[Sample]) -> None:
         if self.path is None:
@@ -136,7 +157,8 @@ def sample_and_score(
         try:
             rewards = check_rewards(reward_fn(prompt_texts, completion_texts), len(completions), batch_index)
         except Exception as error:
-            where = f"; the samples of earlier batches are kept in {store.path}" if store.path else ""
+            kept = store.path is not None and store.path.exists() and store.path.stat().st_size > 0
+            where = f"; the samples of earlier batches are kept in {store.path}" if kept else ""
             first, last = batch[0][0], batch[-1][0]
             raise RuntimeError(
                 f"reward_fn failed on sampling batch {batch_index} (prompts {first}..{last}){where}"

@@ -1,0 +1,137 @@
+"""The files fit() keeps in its output_dir, and the rules that make reusing one safe.
+
+    output_dir/
+        sampling.json        what produced the samples: prompts (hash), reward, base model, tokenizer, settings
+        samples.jsonl        the base model's scored samples, appended batch by batch (sampling.py)
+        checkpoint/          the latest training checkpoint (weights, optimizer, trainer state)
+        value_model/         the final value model (save_pretrained)
+
+A rerun with the same output_dir resumes; with other prompts, another reward or other sampling settings it
+is refused with the differences named (never a silent reuse of old samples), unless asked to start over.
+A checkpoint is written to checkpoint.partial/ and swapped in by renames; whatever point an interrupt hits,
+the next run finds the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_NAME = "sampling.json"
+SAMPLES_NAME = "samples.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+FINAL_DIR = "value_model"
+COMPLETE_MARKER = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
+
+
+def sampling_fingerprint(base_model, tokenizer, prompts: list[str], reward: str, **settings: Any) -> dict[str, Any]:
+    """What determines the stored samples: change any of it and they are no longer samples of this run."""
+    prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return {
+        "prompts": f"{len(prompts)} prompts, sha256 {prompts_hash[:16]}",
+        "reward": reward,
+        "base_model": {
+            "name": getattr(base_model.config, "_name_or_path", None) or None,
+            "model_type": base_model.config.model_type,
+            "parameters": sum(parameter.numel() for parameter in base_model.parameters()),
+        },
+        "tokenizer": {"name": getattr(tokenizer, "name_or_path", None) or None, "size": len(tokenizer)},
+        **json.loads(json.dumps(settings, sort_keys=True, default=repr)),
+    }
+
+
+class RunDirectory:
+    """fit()'s output_dir: the fingerprint check, the samples' path, checkpoints and the final model."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.samples = self.path / SAMPLES_NAME
+        self.checkpoint = self.path / CHECKPOINT_DIR
+        self.final = self.path / FINAL_DIR
+        self._partial = self.path / (CHECKPOINT_DIR + ".partial")
+        self._old = self.path / (CHECKPOINT_DIR + ".old")
+
+    # ------------------------------------------------------------------ before sampling
+
+    def check(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
+        """Refuse stored samples made otherwise (unless `overwrite`); read-only, so every process can run it."""
+        if overwrite or not self._has_samples():
+            return
+        fingerprint_file = self.path / FINGERPRINT_NAME
+        if not fingerprint_file.exists():
+            raise ValueError(
+                f"`output_dir` {self.path} holds samples without a record of what produced them ({FINGERPRINT_NAME}, "
+                "written since vas_logits 0.2): use a new output_dir, or overwrite_output_dir=True to start over"
+            )
+        stored = json.loads(fingerprint_file.read_text())
+        differences = [f"{key}: stored {stored.get(key)!r}, now {value!r}"
+                       for key, value in fingerprint.items() if stored.get(key) != value]
+        if differences:
+            raise ValueError(
+                f"`output_dir` {self.path} holds samples made with other settings ("
+                + "; ".join(differences)
+                + "). Use a new output_dir, or overwrite_output_dir=True to delete them and start over"
+            )
+
+    def prepare(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
+        """Make sure the directory is writable, start over if asked, and record the fingerprint (rank 0 only)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"`output_dir` {self.path} is not writable: {error}") from error
+        if overwrite:
+            for folder in (self.checkpoint, self._partial, self._old, self.final):
+                shutil.rmtree(folder, ignore_errors=True)
+            for file in (self.samples, self.path / FINGERPRINT_NAME):
+                file.unlink(missing_ok=True)
+            logger.info("overwrite_output_dir: removed the samples, checkpoints and model of %s", self.path)
+        (self.path / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+    def _has_samples(self) -> bool:
+        return self.samples.exists() and self.samples.stat().st_size > 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def write_checkpoint(self, write: Callable[[Path], None]) -> None:
+        """`write(folder)` fills a fresh folder, which then replaces the checkpoint; `write` must write
+        COMPLETE_MARKER last."""
+        shutil.rmtree(self._partial, ignore_errors=True)  # left over from an interrupted write
+        write(self._partial)
+        shutil.rmtree(self._old, ignore_errors=True)
+        if self.checkpoint.exists():
+            self.checkpoint.rename(self._old)
+        self._partial.rename(self.checkpoint)  # an interrupt before this: latest_checkpoint() finishes the swap
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def recover_checkpoint(self) -> None:
+        """Finish or undo a checkpoint swap that an interrupt cut short (rank 0, before training)."""
+        if (self._partial / COMPLETE_MARKER).exists():  # written in full, not swapped in yet: the newest
+            shutil.rmtree(self._old, ignore_errors=True)
+            if self.checkpoint.exists():
+                self.checkpoint.rename(self._old)
+            self._partial.rename(self.checkpoint)
+            logger.info("Finished swapping in the checkpoint of an interrupted save in %s", self.path)
+        elif not self.checkpoint.exists() and (self._old / COMPLETE_MARKER).exists():
+            self._old.rename(self.checkpoint)
+            logger.info("Restored the previous checkpoint of an interrupted save in %s", self.path)
+        for leftover in (self._partial, self._old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The complete checkpoint to resume from, if any."""
+        return self.checkpoint if (self.checkpoint / COMPLETE_MARKER).exists() else None
+
+    def remove_checkpoints(self) -> None:
+        for folder in (self.checkpoint, self._partial, self._old):
+            shutil.rmtree(folder, ignore_errors=True)
