@@ -134,6 +134,23 @@ def best_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
     return (sorted_rewards * weights).sum(-1).float()
 
 
+def best_of_n_curve(results: list[dict]) -> list[tuple[float, float]]:
+    """(KL, reward) of the Best-of-N rows of a result list, by increasing N; the first is base sampling."""
+    rows = [r for r in results if r["method"] == "Best-of-N"]
+    return sorted((r["kl"], r["reward"]) for r in rows)
+
+
+def gain_ratio(reward: float, kl: float, curve: list[tuple[float, float]]) -> float | None:
+    """(reward − base) / (Best-of-N's reward at the same KL − base), Best-of-N linearly interpolated in KL
+    between its measured N; None beyond the largest N (no Best-of-N to compare with) or at KL 0."""
+    base = curve[0][1]
+    for (kl_low, reward_low), (kl_high, reward_high) in zip(curve, curve[1:]):
+        if kl_low <= kl <= kl_high:
+            best_of = reward_low + (reward_high - reward_low) * (kl - kl_low) / (kl_high - kl_low)
+            return (reward - base) / (best_of - base) if best_of > base else None
+    return None
+
+
 def matmul_parameters(module: torch.nn.Module) -> int:
     """Parameters that cost 2 FLOPs per token (every Linear, tied LM head included; embeddings are lookups)."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))

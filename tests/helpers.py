@@ -51,10 +51,10 @@ def tiny_causal_lm(architecture: str, seed: int = 0, dtype=torch.float32):
     return AutoModelForCausalLM.from_config(tiny_config(architecture), dtype=dtype).eval()
 
 
-def tiny_value_model(architecture: str, seed: int = 1, dtype=torch.float32) -> ValueModel:
+def tiny_value_model(architecture: str, seed: int = 1, dtype=torch.float32, **metadata) -> ValueModel:
     """A value model with a random (non-zero) head, so its values vary across candidates."""
     torch.manual_seed(seed)
-    value_model = ValueModel.from_backbone(tiny_config(architecture), dtype=dtype, pad_token_id=PAD)
+    value_model = ValueModel.from_backbone(tiny_config(architecture), dtype=dtype, pad_token_id=PAD, **metadata)
     with torch.no_grad():
         value_model.head.weight.normal_(0, 1.0)
         value_model.head.bias.normal_(0, 1.0)
@@ -92,8 +92,17 @@ def naive_vas(value_models, betas, input_ids, scores, top_k, pad_token_id=PAD, o
         for value_model, beta in zip(value_models, betas):
             device = value_model.device
             sequences = torch.cat([ids.repeat(top_k, 1), candidates[row][:, None]], dim=-1).to(device)
-            q = value_model(sequences).values[:, -1].float().cpu()  # (k,)
-            adjustment += beta * (q - q.mean())
+            output = value_model(sequences)
+            if value_model.config.head == "distributional":  # the soft value (1/beta) log E_p[exp(beta z)]
+                probabilities = output.logits[:, -1].double().softmax(-1).cpu()  # (k, A)
+                atoms = torch.linspace(*value_model.config.value_range, value_model.config.num_atoms).double()
+                if beta == 0:
+                    q = probabilities @ atoms
+                else:
+                    q = torch.log((probabilities * torch.exp(beta * atoms)).sum(-1)) / beta
+            else:
+                q = output.values[:, -1].double().cpu()  # (k,)
+            adjustment += (beta * (q - q.mean())).float()
         out[row, candidates[row]] = (candidate_scores[row].float() + adjustment.to(scores.device)).to(scores.dtype)
     return out
 

@@ -156,7 +156,7 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
-    assert state == {"epoch": 0, "step_in_epoch": 2, "global_step": 2}
+    assert state == {"epoch": 0, "step_in_epoch": 2, "global_step": 2, "best_error": None}
     monkeypatch.setattr(_Trainer, "losses", original)
     reward = CountingReward()
     fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, keep_checkpoint=True, **FIT_OPTIONS)

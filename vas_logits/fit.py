@@ -23,17 +23,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .run_dir import COMPLETE_MARKER, RunDirectory, sampling_fingerprint
 from .sampling import RewardFn, Sample, SampleStore, pad_batch, sample_and_score
-from .targets import state_mask, td_lambda_targets
+from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
 from .value_model import WEIGHTS_NAME, ValueModel
 
 logger = logging.getLogger(__name__)
 
+BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
 DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap to query every step
 
 
@@ -62,6 +63,8 @@ def fit(
     reward_name: str | None = None,
     overwrite_output_dir: bool = False,
     keep_checkpoint: bool = False,
+    standardize_rewards: bool = True,
+    keep_best: bool = True,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
@@ -76,7 +79,8 @@ def fit(
         max_new_tokens: Longest completion; EOS ends one earlier.
         temperature: Sampling temperature of the base (no top-k/top-p unless `generation_kwargs` asks).
         gamma: Discount per token of the TD(lambda) returns.
-        lam: TD(lambda) trace parameter in [0, 1].
+        lam: TD(lambda) trace parameter in [0, 1]: 1 trains on the Monte-Carlo return (the reward itself),
+            lower values bootstrap from the model's own next prediction.
         epochs: Passes over the samples; targets are recomputed from the current model at each visit.
         batch_size: Completions per optimisation step (and per process under DDP).
         sampling_batch_size: Completions per generate() call while sampling (default: `batch_size`). Larger
@@ -94,6 +98,11 @@ def fit(
         overwrite_output_dir: Delete the samples, checkpoints and model already in `output_dir` and start over.
         keep_checkpoint: Keep `output_dir/checkpoint` (weights and optimizer state, about 3× the model's size)
             after the final model is saved, e.g. to continue training later with more epochs.
+        standardize_rewards: Train a fresh value model on (R − mean) / std of the training rewards and record both
+            in its config, so beta is per standard deviation of the reward whatever its scale. A distributional
+            head's atoms then span the standardised training rewards.
+        keep_best: Return the weights of the epoch with the lowest held-out error (mean squared error of V(s_t)
+            against the reward, over every state) rather than the last epoch's.
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
@@ -108,6 +117,8 @@ def fit(
         num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
         value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
     _check_vocabulary(value_model, base_model, tokenizer)
+    if value_model.distributional and gamma != 1:
+        raise ValueError(f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {gamma!r}")
     value_model.to(base_model.device)
     value_model.config.base_model = getattr(base_model.config, "_name_or_path", None) or value_model.config.base_model
     value_model.config.reward = reward_name or _callable_name(reward_fn)
@@ -142,9 +153,11 @@ def fit(
     rewards = torch.tensor([sample.reward for sample in samples])
     logger.info("%d samples (%d held out); reward mean %.4f, std %.4f", len(samples), len(eval_samples),
                 rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
+    if standardize_rewards and not bool(value_model.head.weight.any()):  # a fresh head: set its units now
+        _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
 
     trainer = _Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                       run, progress)
+                       run, progress, keep_best)
     trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
     value_model.eval()
     if run is not None and rank == 0:
@@ -153,6 +166,21 @@ def fit(
             run.remove_checkpoints()
         logger.info("Saved the value model to %s", run.final)
     return value_model
+
+
+def _standardize(value_model: ValueModel, rewards: torch.Tensor) -> None:
+    """Record the training rewards' mean and std in the config (the value model predicts (R − mean) / std); a
+    distributional head's atoms span the standardised rewards seen."""
+    mean = rewards.double().mean().item()
+    std = rewards.double().std().item() if len(rewards) > 1 else 0.0
+    if not std > 0:
+        logger.warning("Every training reward is %.4g: not standardising", mean)
+        return
+    value_model.config.reward_mean, value_model.config.reward_std = mean, std
+    if value_model.distributional:
+        low, high = ((rewards.min().item() - mean) / std, (rewards.max().item() - mean) / std)
+        value_model.set_value_range(low, high)
+    logger.info("Standardised rewards: V predicts (R - %.4g) / %.4g", mean, std)
 
 
 def _as_prompt_list(prompts) -> list[str]:
@@ -272,31 +300,44 @@ class _Trainer:
     """The optimisation loop, its checkpoints and its evaluation; fit() above is the public face."""
 
     def __init__(self, value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                 run: RunDirectory | None, progress):
+                 run: RunDirectory | None, progress, keep_best):
         self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
-        self.run, self.progress = run, progress and rank == 0
+        self.run, self.progress, self.keep_best = run, progress and rank == 0, keep_best
+        config = value_model.config
+        self.reward_mean = config.reward_mean or 0.0
+        self.reward_std = config.reward_std or 1.0
+        self.best_error, self.best_state = math.inf, None  # the held-out error and weights of the best epoch
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
         self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
 
-    def losses(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """0.5 · masked MSE to the TD(lambda) targets; also returns the state values and mask."""
+    def losses(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss to the TD(lambda) targets: 0.5 · masked MSE (scalar head) or masked cross-entropy
+        (distributional head). Also returns the state values (B, S), the rewards in the model's units (B,) and
+        the state mask (B, S)."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            values = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).values  # (B, L)
-        state_values = values.float().gather(1, batch.state_positions)  # (B, S)
-        targets = td_lambda_targets(state_values, batch.rewards, batch.lengths, self.gamma, self.lam)
+            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        rewards = (batch.rewards - self.reward_mean) / self.reward_std
+        state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
         mask = state_mask(batch.lengths, state_values.shape[1])
-        loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
-        return loss, state_values, mask
+        if self.value_model.distributional:
+            index = batch.state_positions[..., None].expand(-1, -1, output.logits.shape[-1])
+            log_probs = output.logits.float().gather(1, index).log_softmax(-1)  # (B, S, A)
+            reward_distributions = two_hot(rewards, self.value_model.atoms)  # (B, A)
+            targets = distributional_td_lambda_targets(log_probs.exp(), reward_distributions, batch.lengths, self.lam)
+            loss = (-(targets * log_probs).sum(-1) * mask).sum() / mask.sum()
+        else:
+            targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
+            loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
+        return loss, state_values, rewards, mask
 
     def train(self, train_samples, eval_samples, epochs, batch_size, seed) -> None:
         self._resume()
         if self.epoch >= epochs:
             logger.info("Training already finished (%d epochs) in %s", epochs, self.run.path)
-            return
         try:
             while self.epoch < epochs:
                 batches = self._epoch_batches(len(train_samples), batch_size, seed + self.epoch)
@@ -305,7 +346,7 @@ class _Trainer:
                 self.value_model.train()
                 for indices in batches[self.step_in_epoch :]:
                     batch = _collate([train_samples[i] for i in indices], self.pad_token_id, self.device)
-                    loss, _, _ = self.losses(batch)
+                    loss = self.losses(batch)[0]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.max_grad_norm)
@@ -318,14 +359,20 @@ class _Trainer:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 metrics = self.evaluate(eval_samples, batch_size)
                 if metrics:
-                    logger.info("epoch %d: held-out value loss %.4f, correlation of V with the reward %.3f",
-                                self.epoch, metrics["loss"], metrics["correlation"])
+                    logger.info("epoch %d: held-out loss %.4f, error %.4f, correlation of V with the reward %.3f",
+                                self.epoch, metrics["loss"], metrics["error"], metrics["correlation"])
+                    if self.keep_best and metrics["error"] < self.best_error:
+                        self.best_error = metrics["error"]
+                        self.best_state = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
                 self._save_checkpoint()
         except KeyboardInterrupt:
             self._save_checkpoint()
             logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
                            self.run.checkpoint if self.run else "(no output_dir: nothing)")
             raise
+        if self.best_state is not None:
+            logger.info("Keeping the weights of the epoch with the lowest held-out error (%.4f)", self.best_error)
+            self.value_model.load_state_dict(self.best_state)
 
     def _epoch_batches(self, num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
         """This process's batches: one shuffled order for all, padded so every process gets as many steps."""
@@ -336,20 +383,22 @@ class _Trainer:
 
     @torch.no_grad()
     def evaluate(self, samples, batch_size) -> dict[str, float]:
-        """Held-out value loss and the Pearson correlation of V(s_t) with each episode's reward."""
+        """Held-out loss; error = mean squared error of V(s_t) against the episode's reward over every state (what
+        the value estimates, free of the model's own bootstrapped targets); and the Pearson correlation of the two."""
         if not samples:
             return {}
         self.value_model.eval()
         total_loss, predictions, rewards = 0.0, [], []
         for start in range(0, len(samples), batch_size):
             batch = _collate(samples[start : start + batch_size], self.pad_token_id, self.device)
-            loss, state_values, mask = self.losses(batch)
+            loss, state_values, batch_rewards, mask = self.losses(batch)
             total_loss += loss.item() * len(batch.rewards)
             predictions.append(state_values[mask])
-            rewards.append(batch.rewards[:, None].expand_as(mask)[mask])
+            rewards.append(batch_rewards[:, None].expand_as(mask)[mask])
         stacked = torch.stack([torch.cat(predictions), torch.cat(rewards)])
         correlation = torch.corrcoef(stacked)[0, 1].item() if stacked[1].std() > 0 else float("nan")
-        return {"loss": total_loss / len(samples), "correlation": correlation}
+        error = (stacked[0] - stacked[1]).pow(2).mean().item()
+        return {"loss": total_loss / len(samples), "error": error, "correlation": correlation}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -359,9 +408,12 @@ class _Trainer:
 
         def write(folder: Path) -> None:
             self.value_model.save_pretrained(folder)
+            if self.best_state is not None:
+                save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()}, str(folder / BEST_NAME))
             torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
                        folder / "training_state.pt")
-            state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
+            state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                     "best_error": self.best_error if self.best_state is not None else None}
             (folder / COMPLETE_MARKER).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
 
         self.run.write_checkpoint(write)
@@ -383,4 +435,7 @@ class _Trainer:
         self.optimizer.load_state_dict(training_state["optimizer"])
         torch.set_rng_state(training_state["torch_rng"].cpu())
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        if state.get("best_error") is not None and (directory / BEST_NAME).exists():
+            self.best_error = state["best_error"]
+            self.best_state = load_file(str(directory / BEST_NAME), device=str(self.device))
         logger.info("Resuming from %s: epoch %d, step %d", directory, self.epoch, self.step_in_epoch)

@@ -4,6 +4,8 @@ Per row and decoding step (Han et al., arXiv 2405.06639; semantics pinned in VAS
     K       = the top_k token ids of the incoming scores
     Q_i(a)  = V_i(prefix∘a)                      for a in K, for each value model i
     out[a]  = scores[a] + Σ_i beta_i · (Q_i(a) − mean_K Q_i)    on K;   −inf (or unchanged) outside K
+A distributional value model predicts p(z_j | prefix∘a) over reward atoms z_j; its Q_i(a) is then the soft
+value (1/beta_i) log Σ_j p_j exp(beta_i z_j) (Q-sharp, Zhou et al. 2025), the mean as beta_i -> 0.
 
 How it stays cheap: each value model keeps its own transformers DynamicCache whose columns mirror the
 columns of `input_ids`. A step feeds only the tokens appended since the last step followed by the k
@@ -67,7 +69,9 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
     r"""Steers generation toward the rewards of one or more value models (Value Augmented Sampling).
 
     Adds Σ_i beta_i · (Q_i(a) − mean_K Q_i) to the scores of the `top_k` best tokens a ∈ K, where
-    Q_i(a) = V_i(prefix∘a); the other tokens get −inf (`outside_top_k="mask"`) or keep their score ("keep").
+    Q_i(a) = V_i(prefix∘a) (for a distributional value model, the soft value (1/beta_i) log E[exp(beta_i z)]
+    of its predicted reward distribution); the other tokens get −inf (`outside_top_k="mask"`) or keep their
+    score ("keep").
     It runs before generate()'s temperature and top-p warpers, so a temperature T divides beta too.
 
     Args:
@@ -231,16 +235,20 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         with self._compile_lock if compiled else contextlib.nullcontext():
             models = self._compiled_models(scores.device) if compiled else self.value_models
             adjustment = torch.zeros_like(candidate_scores, dtype=torch.float32)  # (B, k)
-            for value_model, beta, cache, attention_mask in zip(models, self.betas, stream.caches, masks):
-                values = value_model(
+            for model, value_model, beta, cache, attention_mask in zip(models, self.value_models, self.betas,
+                                                                       stream.caches, masks):
+                output = model(
                     input_ids=step_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
                     past_key_values=cache,
                     use_cache=True,
-                ).values[:, -top_k:]  # (B, k): Q(s, a) for each candidate a, used before the next forward runs
+                )
+                # (B, k): beta · Q(s, a) for each candidate a (the soft Q of a distributional head), used before
+                # the next forward runs
+                scaled = value_model.beta_times_q(output, beta, top_k)
                 cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
-                adjustment += beta * (values - values.mean(dim=-1, keepdim=True))
+                adjustment += scaled - scaled.mean(dim=-1, keepdim=True)
         if not bool(torch.isfinite(adjustment).all()):
             raise ValueError(
                 f"VAS produced non-finite adjustments (betas {self.betas}; value model dtypes "

@@ -39,13 +39,18 @@ def sampling_fingerprint(base_model, tokenizer, prompts: list[str], reward: str,
         "prompts": f"{len(prompts)} prompts, sha256 {prompts_hash[:16]}",
         "reward": reward,
         "base_model": {
-            "name": getattr(base_model.config, "_name_or_path", None) or None,
+            "name": _name(getattr(base_model.config, "_name_or_path", None)),
             "model_type": base_model.config.model_type,
             "parameters": sum(parameter.numel() for parameter in base_model.parameters()),
         },
-        "tokenizer": {"name": getattr(tokenizer, "name_or_path", None) or None, "size": len(tokenizer)},
+        "tokenizer": {"name": _name(getattr(tokenizer, "name_or_path", None)), "size": len(tokenizer)},
         **json.loads(json.dumps(settings, sort_keys=True, default=repr)),
     }
+
+
+def _name(name_or_path: str | None) -> str | None:
+    """A Hub id as it is; a local path by its last part, so moving a project keeps its fingerprints."""
+    return Path(name_or_path).name if name_or_path and os.path.isabs(name_or_path) else name_or_path or None
 
 
 class RunDirectory:

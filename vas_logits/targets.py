@@ -53,3 +53,63 @@ def td_lambda_targets(
 def state_mask(lengths: torch.Tensor, num_states: int) -> torch.Tensor:
     """(batch, num_states) bool: True for the states s_0 .. s_T of each episode."""
     return torch.arange(num_states, device=lengths.device)[None, :] <= lengths[:, None]
+
+
+def two_hot(values: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """Each value as a distribution over evenly spaced `atoms` with the same mean: its weight split between the
+    two neighbouring atoms (values outside the atoms' range are clipped to it).
+
+    Args:
+        values: (...) float.
+        atoms: (A,) evenly spaced, increasing.
+
+    Returns:
+        (..., A) float32 probabilities.
+    """
+    low, high, count = float(atoms[0]), float(atoms[-1]), atoms.shape[0]
+    position = (values.float().clamp(low, high) - low) / (high - low) * (count - 1)  # in [0, A - 1]
+    lower = position.floor().long().clamp(max=count - 2)
+    upper_weight = position - lower
+    out = torch.zeros(*values.shape, count, device=values.device)
+    out.scatter_(-1, lower[..., None], (1 - upper_weight)[..., None])
+    out.scatter_add_(-1, (lower + 1)[..., None], upper_weight[..., None])
+    return out
+
+
+def distributional_td_lambda_targets(
+    probabilities: torch.Tensor, reward_distributions: torch.Tensor, lengths: torch.Tensor, lam: float = 0.95
+) -> torch.Tensor:
+    """Distributional TD(lambda) targets for terminal rewards with gamma = 1 (a mixture recursion).
+
+    The return distribution of s_t is that of s_{t+1} (no reward before the last token, no discount), so the
+    lambda-return's distribution mixes the model's own next prediction with the target after it:
+
+        target_T = target_{T-1} = the reward's distribution       (s_T is terminal; its value is R)
+        target_t = (1 − lam) · p(s_{t+1}) + lam · target_{t+1}    for t < T − 1
+
+    Its mean is the scalar TD(lambda) target of `td_lambda_targets` with gamma = 1; lam = 1 gives the reward's
+    distribution at every state (Monte Carlo).
+
+    Args:
+        probabilities: (batch, states, A) the model's p(s_t); entries past each episode's s_T are ignored.
+        reward_distributions: (batch, A) each episode's reward as a distribution over the atoms (`two_hot`).
+        lengths: (batch,) T, completion tokens (>= 1).
+        lam: The TD(lambda) trace parameter.
+
+    Returns:
+        (batch, states, A) float32 targets; zero past each episode's s_T.
+    """
+    probabilities = probabilities.detach().float()
+    reward_distributions = reward_distributions.float().to(probabilities.device)
+    lengths = lengths.to(probabilities.device)
+    batch_size, num_states, _ = probabilities.shape
+    if int(lengths.max()) >= num_states or int(lengths.min()) < 1:
+        raise ValueError(f"Every length must be in [1, {num_states - 1}], got {lengths.tolist()}")
+    targets = torch.zeros_like(probabilities)
+    following = torch.zeros_like(reward_distributions)  # target_{t+1}
+    for t in reversed(range(num_states)):
+        at_or_after_last = (t >= lengths - 1)[:, None]  # s_{T-1} and s_T: the reward itself
+        mixed = (1 - lam) * probabilities[:, min(t + 1, num_states - 1)] + lam * following
+        following = torch.where(at_or_after_last, reward_distributions, mixed)
+        targets[:, t] = torch.where((t <= lengths)[:, None], following, 0.0)
+    return targets

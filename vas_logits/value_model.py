@@ -1,8 +1,17 @@
-"""The value model of Value Augmented Sampling: a causal transformer backbone and a scalar head.
+"""The value model of Value Augmented Sampling: a causal transformer backbone and a value head.
 
 V(s) estimates the expected final reward of the frozen base model's continuations of the prefix s
 (Han et al., "Value Augmented Sampling for Language Model Alignment and Personalization",
 arXiv 2405.06639). Decoding queries Q(s, a) = V(s∘a) for the base model's top-k candidates a.
+
+Two heads:
+    scalar           V(s) = E[R | s], one number (the paper's value model)
+    distributional   p(z_j | s) over fixed reward atoms z_1 < ... < z_A (a categorical return distribution,
+                     as in C51 and Q-sharp, Zhou et al. 2025). The processor then uses the soft value
+                     Q_beta = (1/beta) log E_p[exp(beta z)], which the KL-regularised optimum calls for; its
+                     beta -> 0 limit is the mean. One forward serves every beta, so beta stays a per-request dial.
+Rewards may be standardised (config.reward_mean / reward_std): values are then in standard deviations of the
+training rewards, so one beta means the same pull whatever the reward's scale.
 
 On disk and on the Hub a value model is two files, like a PEFT adapter:
     config.json          ValueModelConfig (the backbone's transformers config is nested in it)
@@ -16,6 +25,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -33,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-HEAD_TYPES = ("scalar",)
+HEAD_TYPES = ("scalar", "distributional")
 
 
 def _library_version() -> str:
@@ -49,7 +59,14 @@ class ValueModelConfig:
     Args:
         backbone_config: The backbone's transformers config as a dict (`PretrainedConfig.to_dict()`); its
             `model_type` picks the architecture.
-        head: The head type. Only "scalar" (one `nn.Linear(hidden, 1)`) exists.
+        head: "scalar" (`nn.Linear(hidden, 1)`: the expected reward) or "distributional" (`nn.Linear(hidden,
+            num_atoms)`: a categorical distribution of the reward over `num_atoms` atoms spread evenly over
+            `value_range`).
+        num_atoms: Atoms of the distributional head.
+        value_range: (lowest, highest) atom of the distributional head, in the value's units (fit() sets it
+            from the training rewards).
+        reward_mean, reward_std: When set, the value model predicts standardised rewards (R − mean) / std, so
+            V_raw = reward_mean + reward_std · V and beta is per standard deviation of the reward.
         base_model: Name or path of the base model whose samples trained this value model.
         reward: Free text describing the reward it predicts.
         vocab_size: The token vocabulary; must equal the base model's (ids pass straight from one to the other).
@@ -61,6 +78,10 @@ class ValueModelConfig:
 
     backbone_config: dict[str, Any]
     head: str = "scalar"
+    num_atoms: int = 51  # distributional head: fine enough for the soft value at beta up to ~20 per std
+    value_range: tuple[float, float] = (-3.0, 3.0)  # distributional head: three std either side of the mean
+    reward_mean: float | None = None
+    reward_std: float | None = None
     base_model: str | None = None
     reward: str | None = None
     vocab_size: int | None = None  # filled in from backbone_config when left out
@@ -79,6 +100,18 @@ class ValueModelConfig:
         self.backbone_config = json.loads(json.dumps(self.backbone_config))
         if self.head not in HEAD_TYPES:
             raise ValueError(f"`head` must be one of {HEAD_TYPES}, got {self.head!r}")
+        if isinstance(self.num_atoms, bool) or not isinstance(self.num_atoms, int) or self.num_atoms < 2:
+            raise ValueError(f"`num_atoms` must be an int >= 2, got {self.num_atoms!r}")
+        low, high = _finite_pair(self.value_range)
+        if not low < high:
+            raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {self.value_range!r}")
+        self.value_range = (low, high)
+        if (self.reward_mean is None) != (self.reward_std is None):
+            raise ValueError(f"`reward_mean` and `reward_std` go together, got {self.reward_mean!r}, {self.reward_std!r}")
+        if self.reward_std is not None and (not math.isfinite(self.reward_std) or self.reward_std <= 0
+                                            or not math.isfinite(self.reward_mean)):
+            raise ValueError(f"`reward_std` must be a finite float > 0 and `reward_mean` finite, got "
+                             f"{self.reward_std!r}, {self.reward_mean!r}")
         if self.vocab_size is None:
             self.vocab_size = self.backbone_config.get("vocab_size")
 
@@ -107,16 +140,30 @@ class ValueModelConfig:
         return cls.from_dict(values)
 
 
+def _finite_pair(values) -> tuple[float, float]:
+    try:
+        low, high = (float(value) for value in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {values!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {values!r}")
+    return low, high
+
+
 @dataclass
 class ValueModelOutput(ModelOutput):
     """Output of `ValueModel.forward`.
 
     Args:
-        values: (batch, seq) float32, the value of the prefix ending at each position.
+        values: (batch, seq) float32, the value of the prefix ending at each position (the distributional
+            head's mean).
+        logits: (batch, seq, num_atoms) float32, the distributional head's logits over the atoms (None for the
+            scalar head).
         past_key_values: The backbone's transformers Cache when `use_cache=True`.
     """
 
     values: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
     past_key_values: Any = None
 
 
@@ -167,12 +214,14 @@ def _build_backbone(config: PretrainedConfig, dtype: torch.dtype | None) -> PreT
 
 
 class ValueModel(nn.Module):
-    """A causal LM backbone (no LM head) and a scalar head: V(prefix) for every prefix of the input.
+    """A causal LM backbone (no LM head) and a value head: V(prefix) for every prefix of the input.
 
     Attributes:
         config: The ValueModelConfig.
         backbone: A transformers `AutoModel` (e.g. LlamaModel, GPT2Model).
-        head: `nn.Linear(hidden_size, 1)`, zero-initialised so a fresh value model leaves decoding unchanged.
+        head: `nn.Linear(hidden_size, 1)` (scalar) or `nn.Linear(hidden_size, num_atoms)` (distributional),
+            zero-initialised so a fresh value model leaves decoding unchanged.
+        atoms: (num_atoms,) float32, the distributional head's support (follows config.value_range).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -191,9 +240,25 @@ class ValueModel(nn.Module):
         _check_causal(backbone_config)
         self.backbone = _build_backbone(backbone_config, dtype)
         hidden_size = self.backbone.config.hidden_size
-        self.head = nn.Linear(hidden_size, 1, dtype=self.backbone.dtype)
+        outputs = config.num_atoms if config.head == "distributional" else 1
+        self.head = nn.Linear(hidden_size, outputs, dtype=self.backbone.dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    @property
+    def distributional(self) -> bool:
+        return self.config.head == "distributional"
+
+    @property
+    def atoms(self) -> torch.Tensor:
+        return torch.linspace(*self.config.value_range, self.config.num_atoms, device=self.device)
+
+    def set_value_range(self, low: float, high: float) -> None:
+        """Move the distributional head's atoms (only sensible before it is trained: fit() does it)."""
+        low, high = _finite_pair((low, high))
+        if not low < high:
+            raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {(low, high)!r}")
+        self.config.value_range = (low, high)
 
     @property
     def device(self) -> torch.device:
@@ -227,7 +292,8 @@ class ValueModel(nn.Module):
             use_cache: Whether to return the (updated) cache.
 
         Returns:
-            ValueModelOutput with `values` (batch, seq) float32.
+            ValueModelOutput with `values` (batch, seq) float32, and `logits` (batch, seq, num_atoms) for the
+            distributional head.
         """
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
@@ -238,8 +304,22 @@ class ValueModel(nn.Module):
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        values = self.head(outputs.last_hidden_state).squeeze(-1).float()  # (B, T)
-        return ValueModelOutput(values=values, past_key_values=outputs.past_key_values if use_cache else None)
+        head = self.head(outputs.last_hidden_state).float()  # (B, T, 1) or (B, T, A)
+        logits = head if self.distributional else None
+        values = head.softmax(-1) @ self.atoms if self.distributional else head.squeeze(-1)  # (B, T)
+        cache = outputs.past_key_values if use_cache else None
+        return ValueModelOutput(values=values, logits=logits, past_key_values=cache)
+
+    def beta_times_q(self, output: ValueModelOutput, beta: float, last: int) -> torch.Tensor:
+        """beta · Q for the last `last` positions of `output`, (batch, last) float32.
+
+        Scalar head: beta · V. Distributional head: beta times the soft value (1/beta) log Σ_j p_j exp(beta z_j),
+        i.e. log Σ_j p_j exp(beta z_j), computed stably as a logsumexp (0 at beta = 0, where Q is the mean).
+        """
+        if not self.distributional:
+            return beta * output.values[:, -last:]
+        log_probs = output.logits[:, -last:].log_softmax(-1)  # (B, last, A)
+        return torch.logsumexp(log_probs + beta * self.atoms, dim=-1)
 
     # ------------------------------------------------------------------ construction
 
