@@ -7,11 +7,13 @@ train on), 24 new tokens, plain sampling at T=1, and is scored by the same rewar
     BoN-N     Best-of-N, N = 1, 2, 4, ... 32: the reward picks the best of N base samples. Its expected
               reward is estimated without bias from --best-of samples per prompt (the mean of the best of
               every N-subset); KL(BoN-N || base) = log N - (N-1)/N, the standard (upper-bound) formula.
-    VAS       one value model (trained by examples/sentiment.py, reused from its cache), a sweep of beta,
-              with outside_top_k="keep" (the closed form: tokens outside the top k keep their base score)
-              and with "mask" (the library default: only the top k can be sampled, which alone is a
-              top-k sampler far from the base in KL). KL is measured: the mean over samples of
-              sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] over the generated tokens.
+    VAS       each value model (scalar and distributional heads, trained by examples/sentiment.py and reused
+              from its cache), a sweep of beta, with outside_top_k="keep" (the closed form: tokens outside the
+              top k keep their base score) and, for the first, "mask" (the library default: only the top k can
+              be sampled, which alone is a top-k sampler far from the base in KL). KL is measured: the mean
+              over samples of sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] over the generated tokens. The gain
+              ratio at equal KL is (reward - base) / (Best-of-N's reward at that KL - base), Best-of-N
+              interpolated linearly in KL between its N (empty past N = 32).
     ARGS      the reward itself scores the decoded text of every top-k candidate at every token,
               pi(a|s) ∝ pi_ref(a|s) exp(w r(s∘a)) over the top k: VAS with Q replaced by r of the partial
               text (Khanov et al., 2024, sampled instead of greedy). Cheap here only because VADER is a lexicon.
@@ -21,7 +23,8 @@ base and value model together); and measured wall time (for BoN: N × the wall t
 prompt, plus scoring). Writes quality.md (a markdown table), quality.png (reward vs KL, reward vs cost) and
 quality.json to --output.
 
-    python examples/sentiment.py          # trains and caches the value model (once, ~6 min on 2 CPU cores)
+    python examples/sentiment.py                          # trains and caches the scalar value model
+    python examples/sentiment.py --head distributional    # and the distributional one
     python examples/bench_quality.py      # ~15 min on 2 CPU cores
 """
 
@@ -36,8 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, mean_and_se, movie_prompts, pad_token_id,
-                    vader_reward)
+from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
+                    pad_token_id, use_threads, vader_reward)
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
 from vas_logits import VAS, ValueModel
@@ -54,6 +58,7 @@ class Result:
     compute: float  # matmul FLOPs of base + value model, relative to base sampling
     wall: float  # seconds, relative to base sampling
     kl_kind: str = "measured"
+    gain_ratio: float | None = None  # (reward - base) / (Best-of-N at the same KL - base)
     extra: dict = field(default_factory=dict)
 
 
@@ -96,7 +101,7 @@ def run_method(model, tokenizer, prompts, per_prompt, make_processors, args) -> 
     prompt_tokens = slots = 0
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    for first in range(0, len(rows), args.batch_size):
+    for first in tqdm(range(0, len(rows), args.batch_size), desc=getattr(args, "desc", "sampling"), unit="batch"):
         batch = tokenizer(rows[first : first + args.batch_size], return_tensors="pt", padding=True)
         out = model.generate(
             **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
@@ -135,9 +140,10 @@ def best_of_n(rewards: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def best_of_n_curve(results: list[dict]) -> list[tuple[float, float]]:
-    """(KL, reward) of the Best-of-N rows of a result list, by increasing N; the first is base sampling."""
-    rows = [r for r in results if r["method"] == "Best-of-N"]
-    return sorted((r["kl"], r["reward"]) for r in rows)
+    """(KL, reward) of the Best-of-N rows of a result list (dicts or Results), by increasing N; the first is
+    base sampling."""
+    rows = [r if isinstance(r, dict) else asdict(r) for r in results]
+    return sorted((r["kl"], r["reward"]) for r in rows if r["method"] == "Best-of-N")
 
 
 def gain_ratio(reward: float, kl: float, curve: list[tuple[float, float]]) -> float | None:
@@ -193,11 +199,13 @@ def write_plot(results: list[Result], path: Path, title: str) -> None:
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| method | mean reward ± s.e. | KL (nats) | base forward tokens | compute | wall time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | mean reward ± s.e. | KL (nats) | gain ratio at equal KL | base forward tokens | compute "
+             "| wall time |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        kl = f"{r.kl:.2f}" + (" (formula)" if r.kl_kind == "formula" else "")
-        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} "
+        kl = f"≤ {r.kl:.2f}" if r.kl_kind == "formula" and r.kl > 0 else f"{r.kl:.2f}"
+        gain = "" if r.gain_ratio is None else f"{r.gain_ratio:.2f}"
+        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} | {gain} "
                      f"| {r.forward_tokens:.1f}× "
                      f"| {r.compute:.2f}× | {r.wall:.2f}× |")
     return "\n".join(lines)
@@ -205,14 +213,19 @@ def markdown_table(results: list[Result]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--value-model", type=Path, default=CACHE / "sentiment-4layers" / "value_model",
-                        help="a saved value model (default: the one examples/sentiment.py trains)")
+    parser.add_argument("--value-models", nargs="+", metavar="NAME=PATH",
+                        default=[f"scalar={CACHE / 'sentiment-4layers' / 'value_model'}",
+                                 f"distributional={CACHE / 'sentiment-4layers-distributional' / 'value_model'}"],
+                        help="saved value models to compare (default: the two that examples/sentiment.py trains "
+                             "with --head scalar and --head distributional)")
     parser.add_argument("--best-of", type=int, default=32, help="base samples per prompt; BoN-N for N = 1, 2, 4 ..")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt for VAS and ARGS")
-    parser.add_argument("--betas", type=float, nargs="*", default=[2, 4, 8, 16, 32, 64],
-                        help="VAS with outside_top_k='keep': the closed form, other tokens keep their base score")
-    parser.add_argument("--masked-betas", type=float, nargs="*", default=[0, 4, 16],
-                        help="VAS with outside_top_k='mask' (the library default): only the top k can be sampled")
+    parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 1, 2, 4, 8, 16, 32],
+                        help="VAS with outside_top_k='keep': the closed form, other tokens keep their base score "
+                             "(beta per standard deviation of the reward: the value models are standardised)")
+    parser.add_argument("--masked-betas", type=float, nargs="*", default=[0, 2],
+                        help="VAS with outside_top_k='mask' (the library default; first value model only): only "
+                             "the top k can be sampled")
     parser.add_argument("--args-weights", type=float, nargs="*", default=[2, 4, 8],
                         help="ARGS-style reward weights (none: skip ARGS)")
     parser.add_argument("--top-k", type=int, default=10)
@@ -220,24 +233,28 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per generate() call, for every method")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_option(parser)
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (args.value_model / "model.safetensors").exists():
-        raise SystemExit(f"No value model at {args.value_model}: run examples/sentiment.py first")
+    use_threads(args.threads)
+    value_models = {}
+    for entry in args.value_models:
+        name, _, path = entry.partition("=")
+        if not (Path(path) / "model.safetensors").exists():
+            raise SystemExit(f"No value model at {path}: run examples/sentiment.py (--head {name}) first")
+        value_models[name] = ValueModel.from_pretrained(path)
     args.output.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_smollm2()
-    value_model = ValueModel.from_pretrained(args.value_model)
     prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
-    base_params, value_params = matmul_parameters(model), matmul_parameters(value_model)
-    print(f"torch threads: {torch.get_num_threads()}; {len(prompts)} held-out prompts; {args.max_new_tokens} new "
-          f"tokens; matmul parameters: base {base_params / 1e6:.1f}M, value {value_params / 1e6:.1f}M")
+    base_params = matmul_parameters(model)
+    value_params = {name: matmul_parameters(value_model) for name, value_model in value_models.items()}
+    print(f"{len(prompts)} held-out prompts; {args.max_new_tokens} new tokens; matmul parameters: base "
+          f"{base_params / 1e6:.1f}M, value models {({k: f'{v / 1e6:.1f}M' for k, v in value_params.items()})}")
 
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
+    args.desc = "base samples"
     base_run = run_method(model, tokenizer, prompts, args.best_of, lambda: None, args)
     base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, args.best_of)
     per_sample = dict(  # base sampling's cost for one sample per prompt: the unit of every cost column
@@ -256,33 +273,44 @@ def main():
         results.append(Result("Best-of-N", f"N={n}", reward, se, kl, n, n, wall, kl_kind="formula"))
         n *= 2
 
-    def record(group, setting, run, per_prompt, value_tokens=0.0):
+    curve = best_of_n_curve(results)
+
+    def record(group, setting, run, per_prompt, value_tokens=0.0, matmul_value=0):
         rewards, _ = per_prompt_rewards(run, prompts, per_prompt)
         reward, se = mean_and_se(rewards.mean(-1).tolist())
         base_tokens = (run.prompt_tokens + run.slots) / per_prompt
-        compute = (base_tokens * base_params + value_tokens / per_prompt * value_params) / (
+        compute = (base_tokens * base_params + value_tokens / per_prompt * matmul_value) / (
             per_sample["tokens"] * base_params)
-        result = Result(group, setting, reward, se, run.log_ratio.mean().item(), base_tokens / per_sample["tokens"],
+        kl = run.log_ratio.mean().item()
+        result = Result(group, setting, reward, se, kl, base_tokens / per_sample["tokens"],
                         compute, run.seconds / per_prompt / per_sample["seconds"],
+                        gain_ratio=gain_ratio(reward, kl, curve),
                         extra=dict(kl_se=(run.log_ratio.std() / len(run.log_ratio) ** 0.5).item()))
         results.append(result)
-        print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {result.kl:.2f}, wall {result.wall:.2f}×")
+        gain = "" if result.gain_ratio is None else f", gain ratio {result.gain_ratio:.2f}"
+        print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}{gain}, wall {result.wall:.2f}×",
+              flush=True)
 
-    for outside, betas in (("keep", args.betas), ("mask", args.masked_betas)):
-        group = "VAS" if outside == "keep" else f"VAS top-{args.top_k} only"
-        for beta in betas:
-            run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
-                             lambda: [VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k=outside)], args)
-            # The value model forwards each real prompt token once, then 1 new token + k candidates per step.
-            value_tokens = run.prompt_tokens + run.slots * (1 + args.top_k)
-            record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens)
+    for index, (name, value_model) in enumerate(value_models.items()):
+        sweeps = [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 else [])
+        for outside, betas in sweeps:
+            group = f"VAS {name}" + ("" if outside == "keep" else f", top-{args.top_k} only")
+            for beta in betas:
+                args.desc = f"{group} β={beta:g}"
+                run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
+                                 lambda: [VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k=outside)], args)
+                # The value model forwards each real prompt token once, then 1 new token + k candidates per step.
+                value_tokens = run.prompt_tokens + run.slots * (1 + args.top_k)
+                record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens, value_params[name])
     for weight in args.args_weights:
+        args.desc = f"ARGS w={weight:g}"
         run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
                          lambda: [ArgsStyle(tokenizer, vader_reward, weight, args.top_k)], args)
         record("ARGS", f"w={weight:g}", run, args.samples_per_prompt)
 
+    sizes = ", ".join(f"{name} {params / 1e6:.0f}M" for name, params in value_params.items())
     title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
-             f"T=1, k={args.top_k}; value model {value_params / 1e6:.0f}M matmul params")
+             f"T=1, k={args.top_k}; value models' matmul params: {sizes}")
     table = markdown_table(results)
     (args.output / "quality.md").write_text(f"{title}\n\n{table}\n")
     (args.output / "quality.json").write_text(json.dumps([asdict(r) for r in results], indent=1))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from vas_logits import ValueModel, fit
 
@@ -74,12 +74,25 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, one per core). On a machine busy with other "
+                             "jobs, fewer threads than cores can be many times faster")
+
+
+def use_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0, batch_size=32, **kwargs):
+def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0, batch_size=32, desc="sampling",
+           **kwargs):
     """Completions (text) of each prompt by plain sampling at T=1, optionally through logits processors."""
     completions = []
     torch.manual_seed(seed)
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
         output = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                 max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer),
@@ -89,25 +102,23 @@ def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0
 
 
 def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, num_layers: int = 4,
+                  head: str = "scalar",
                   samples_per_prompt: int = 4, max_new_tokens: int = 24, epochs: int = 3,
                   learning_rate: float = 5e-5, sampling_batch_size: int = 64, retrain: bool = False) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
     training openings, cached in examples/.cache/<name>-<num_layers>layers (a second call just loads it)."""
-    output_dir = CACHE / f"{name}-{num_layers}layers"
+    output_dir = CACHE / (f"{name}-{num_layers}layers" + ("" if head == "scalar" else f"-{head}"))
     saved = output_dir / "value_model"
     if (saved / "model.safetensors").exists() and not retrain:
         print(f"Using the value model trained earlier: {saved} (--retrain to train again)")
         return ValueModel.from_pretrained(saved)
-    if retrain and output_dir.exists():  # fit() would resume from the stored samples and checkpoint
-        shutil.rmtree(output_dir)
-        print(f"Removed {output_dir} to train from scratch")
     start = time.perf_counter()
     value_model = fit(
         model, tokenizer, movie_prompts()[:NUM_TRAIN_PROMPTS], reward_fn,
-        ValueModel.from_backbone(model, num_layers=num_layers),
+        ValueModel.from_backbone(model, num_layers=num_layers, **({} if head == "scalar" else {"head": head})),
         samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, batch_size=16,
         sampling_batch_size=sampling_batch_size, learning_rate=learning_rate, output_dir=output_dir,
-        reward_name=reward_name,
+        reward_name=reward_name, overwrite_output_dir=retrain,
     )
     print(f"Trained the value model in {time.perf_counter() - start:.0f} s; saved to {saved}")
     return value_model

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import (EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, mean_and_se, movie_prompts, sample, train_or_load,
-                    vader_reward)
+from common import (EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts, sample,
+                    train_or_load, use_threads, vader_reward)
 
 from vas_logits import VAS
 
@@ -70,12 +70,13 @@ def main():
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    add_threads_option(parser)
     parser.add_argument("--retrain", action="store_true", help="train both value models again")
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args.output.mkdir(parents=True, exist_ok=True)
-    print(f"torch threads: {torch.get_num_threads()}")
+    use_threads(args.threads)
 
     model, tokenizer = load_smollm2()
     sentiment = train_or_load(model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment",

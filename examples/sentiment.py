@@ -15,7 +15,8 @@ import logging
 import time
 
 import torch
-from common import NUM_TRAIN_PROMPTS, load_smollm2, mean_and_error, movie_prompts, sample, train_or_load, vader_reward
+from common import (NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_error, movie_prompts, sample,
+                    train_or_load, use_threads, vader_reward)
 
 from vas_logits import VAS
 
@@ -25,29 +26,32 @@ def main():
     parser.add_argument("--beta", type=float, default=4.0)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--head", choices=["scalar", "distributional"], default="scalar")
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
+    add_threads_option(parser)
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    print(f"torch threads: {torch.get_num_threads()}")
+    use_threads(args.threads)
 
     model, tokenizer = load_smollm2()
     value_model = train_or_load(
         model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment", num_layers=args.num_layers,
+        head=args.head,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
         learning_rate=args.learning_rate, retrain=args.retrain)
     held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
     length = dict(max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()
-    base = sample(model, tokenizer, held_out, **length)
+    base = sample(model, tokenizer, held_out, desc="base sampling", **length)
     base_seconds = time.perf_counter() - start
     start = time.perf_counter()
     steered = sample(model, tokenizer, held_out, lambda: [VAS(value_model, beta=args.beta, top_k=args.top_k)],
-                     **length)
+                     desc="VAS sampling", **length)
     vas_seconds = time.perf_counter() - start
     base_rewards, vas_rewards = vader_reward(held_out, base), vader_reward(held_out, steered)
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 from bench_quality import best_of_n_curve, gain_ratio, run_method
-from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, mean_and_se, movie_prompts, vader_reward
+from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
+                    use_threads, vader_reward)
 
 from vas_logits import VAS, ValueModel, fit
 from vas_logits.run_dir import FINGERPRINT_NAME, SAMPLES_NAME
@@ -45,12 +46,11 @@ def main():
     parser.add_argument("--betas", type=float, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--reference", type=Path, default=EXAMPLES / "results" / "quality.json",
                         help="a bench_quality.py result holding the Best-of-N rows")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_option(parser)
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results" / "recipes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_smollm2()
     train_prompts = movie_prompts()[:NUM_TRAIN_PROMPTS]

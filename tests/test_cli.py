@@ -5,7 +5,10 @@ import json
 import pytest
 
 from vas_logits import ValueModel
-from vas_logits.cli import load_prompts, load_reward, main
+import inspect
+
+from vas_logits import fit
+from vas_logits.cli import build_parser, load_prompts, load_reward, main
 
 from .helpers import tiny_causal_lm, word_tokenizer
 
@@ -44,3 +47,15 @@ def test_vas_fit_end_to_end(tmp_path, monkeypatch):
     assert value_model.config.reward == "rewards:good"
     assert value_model.config.base_model == str(tmp_path / "base")
     assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 24
+
+
+def test_every_option_is_explained_and_defaults_are_fits_own():
+    parser = build_parser()
+    fit_defaults = {name: parameter.default for name, parameter in inspect.signature(fit).parameters.items()}
+    options = [action for action in parser._actions if action.dest != "help"]
+    assert len(options) > 20
+    for action in options:
+        assert action.help and len(action.help) > 15, action.dest
+        if action.dest in fit_defaults and action.default is not None:
+            assert action.default == fit_defaults[action.dest], action.dest
+    assert "(default: 4)" in parser.format_help()  # the value model's size is stated

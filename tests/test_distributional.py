@@ -24,7 +24,8 @@ def test_two_hot_keeps_the_mean_and_clips():
 
 
 def hand_written_distributional_targets(probabilities, reward_distribution, length, lam):
-    """One episode, from the definition: target_T = target_{T-1} = reward; target_t mixes p(s_{t+1}) and target_{t+1}."""
+    """One episode, from the definition: target_T = target_{T-1} = the reward; earlier ones mix p(s_{t+1}) and
+    target_{t+1}."""
     targets = [None] * (length + 1)
     targets[length] = targets[length - 1] = reward_distribution
     for t in reversed(range(length - 1)):

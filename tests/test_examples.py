@@ -41,3 +41,14 @@ def test_args_style_adds_the_weighted_centred_reward_of_each_candidate_text():
         others = torch.ones(scores.shape[-1], dtype=torch.bool)
         others[candidates[row]] = False
         assert torch.equal(out[row, others], scores[row, others])  # outside the top k: the base's scores
+
+
+def test_gain_ratio_interpolates_best_of_n_linearly_in_kl():
+    results = [dict(method="Best-of-N", kl=0.0, reward=0.1), dict(method="Best-of-N", kl=1.0, reward=0.5),
+               dict(method="Best-of-N", kl=2.0, reward=0.6), dict(method="VAS", kl=0.5, reward=0.9)]
+    curve = bench_quality.best_of_n_curve(results)
+    assert curve == [(0.0, 0.1), (1.0, 0.5), (2.0, 0.6)]
+    # At KL 0.5 Best-of-N gives 0.3: a gain of 0.1 over the base's 0.1 is half of Best-of-N's 0.2.
+    assert bench_quality.gain_ratio(0.2, 0.5, curve) == pytest.approx(0.5)
+    assert bench_quality.gain_ratio(0.55, 1.5, curve) == pytest.approx(0.45 / 0.45)
+    assert bench_quality.gain_ratio(0.9, 2.5, curve) is None  # past the largest N: nothing to compare with

@@ -275,8 +275,8 @@ def test_an_unwritable_output_dir_fails_before_sampling(tmp_path):
     (tmp_path / "a_file").write_text("")
     reward = CountingReward()
     with pytest.raises(ValueError, match="`output_dir` .*a_file/run is not writable"):
-        fit(tiny_causal_lm("llama"), word_tokenizer(), random_prompts(4), reward, output_dir=tmp_path / "a_file" / "run",
-            **FIT_OPTIONS)
+        fit(tiny_causal_lm("llama"), word_tokenizer(), random_prompts(4), reward,
+            output_dir=tmp_path / "a_file" / "run", **FIT_OPTIONS)
     assert reward.calls == 0
 
 

@@ -9,10 +9,11 @@ A small value model V re-weights a frozen base model's next-token distribution:
 >>> model.generate(**inputs, logits_processor=[VAS(value_model, beta=2.0)])   # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .fit import fit
 from .processor import VAS, ValueAugmentedLogitsProcessor
+from .rewards import reward_model_fn
 from .targets import td_lambda_targets
 from .value_model import ValueModel, ValueModelConfig, ValueModelOutput
 
@@ -24,5 +25,6 @@ __all__ = [
     "ValueModelOutput",
     "__version__",
     "fit",
+    "reward_model_fn",
     "td_lambda_targets",
 ]

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from .fit import fit
-from .value_model import ValueModel
+from .fit import DEFAULT_NUM_LAYERS, fit
+from .value_model import HEAD_TYPES, ValueModel
 
 
 def load_prompts(path: str, field: str = "prompt") -> list[str]:
@@ -48,30 +49,76 @@ def load_reward(spec: str):
     return function
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends each option's default (when it has one) to its help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+def _fit_default(name: str):
+    """fit()'s own default, so the command line and the function never disagree."""
+    return inspect.signature(fit).parameters[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vas-fit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="base causal LM: local path or Hub id")
-    parser.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl")
-    parser.add_argument("--prompt-field", default="prompt", help="field of a .jsonl prompt file")
-    parser.add_argument("--reward", required=True, help="module:function returning one float per completion")
-    parser.add_argument("--output", required=True, help="output directory (samples, checkpoints, value_model/)")
-    parser.add_argument("--value-init", help="start from this value model (path or Hub id)")
-    parser.add_argument("--num-layers", type=int, help="cut a fresh value model from the base's first N layers")
-    parser.add_argument("--gguf-file", help="load the base from this GGUF file inside --base")
-    parser.add_argument("--samples-per-prompt", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--gamma", type=float, default=1.0)
-    parser.add_argument("--lam", type=float, default=0.95)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16, help="completions per optimisation step")
-    parser.add_argument("--sampling-batch-size", type=int, default=None,
-                        help="completions per generate() call while sampling (default: --batch-size)")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda (the local rank's) when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    parser = argparse.ArgumentParser(prog="vas-fit", description=__doc__, formatter_class=_HelpFormatter)
+    what = parser.add_argument_group("what to train on")
+    what.add_argument("--base", required=True, help="the frozen base causal LM: local path or Hub id")
+    what.add_argument("--gguf-file", help="load the base from this GGUF file inside --base")
+    what.add_argument("--prompts", required=True, help="prompt file: .txt (one prompt per line) or .jsonl")
+    what.add_argument("--prompt-field", default="prompt", help="the field holding the prompt in a .jsonl file")
+    what.add_argument("--reward", required=True,
+                      help="module:function(prompts, completions) -> list of floats, importable from here")
+    what.add_argument("--output", required=True,
+                      help="output directory: samples.jsonl, sampling.json, checkpoint/, value_model/")
+    model = parser.add_argument_group("the value model")
+    model.add_argument("--value-init", help="start from this value model (path or Hub id) instead of a fresh one")
+    model.add_argument("--num-layers", type=int, default=DEFAULT_NUM_LAYERS,
+                       help="a fresh value model is the base's first N layers with a new head")
+    model.add_argument("--head", choices=HEAD_TYPES, default="scalar",
+                       help="scalar: the expected reward; distributional: a categorical reward distribution "
+                            "(the processor then uses the soft value for each beta)")
+    model.add_argument("--num-atoms", type=int, default=51, help="atoms of the distributional head")
+    sampling = parser.add_argument_group("sampling from the base")
+    sampling.add_argument("--samples-per-prompt", type=int, default=_fit_default("samples_per_prompt"),
+                          help="completions sampled per prompt")
+    sampling.add_argument("--max-new-tokens", type=int, default=_fit_default("max_new_tokens"),
+                          help="longest completion (EOS ends one earlier)")
+    sampling.add_argument("--temperature", type=float, default=_fit_default("temperature"),
+                          help="sampling temperature (no top-k/top-p)")
+    sampling.add_argument("--sampling-batch-size", type=int, default=None,
+                          help="completions per generate() call (default: --batch-size); larger is faster")
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
+    training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
+                          help="completions per optimisation step")
+    training.add_argument("--learning-rate", type=float, default=_fit_default("learning_rate"),
+                          help="AdamW learning rate")
+    training.add_argument("--lam", type=float, default=_fit_default("lam"),
+                          help="TD(lambda) trace parameter: 1 = Monte-Carlo returns, lower bootstraps")
+    training.add_argument("--gamma", type=float, default=_fit_default("gamma"),
+                          help="discount per token (must be 1 for --head "
+                                                                    "distributional)")
+    training.add_argument("--eval-fraction", type=float, default=_fit_default("eval_fraction"),
+                          help="share of prompts held out to measure the value model each epoch")
+    training.add_argument("--no-standardize", action="store_true",
+                          help="train on raw rewards instead of (R - mean) / std (beta then has the reward's units)")
+    training.add_argument("--last-epoch", action="store_true",
+                          help="keep the last epoch's weights instead of the best held-out epoch's")
+    training.add_argument("--seed", type=int, default=_fit_default("seed"),
+                          help="seeds sampling, the held-out split and shuffling")
+    run = parser.add_argument_group("running")
+    run.add_argument("--device", default=None, help="default: cuda (the local rank's) when available, else cpu")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice; on a busy machine fewer can be faster)")
+    run.add_argument("--overwrite-output", action="store_true",
+                     help="delete the samples, checkpoints and model already in --output and start over")
+    run.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep checkpoint/ (weights + optimizer state) after the final model is saved")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -81,23 +128,27 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     load = dict(gguf_file=args.gguf_file) if args.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(args.base, **load)
     base = AutoModelForCausalLM.from_pretrained(args.base, **load).to(device).eval()
     if args.value_init:
         value_model = ValueModel.from_pretrained(args.value_init, device=device)
-    elif args.num_layers:
-        value_model = ValueModel.from_backbone(base, num_layers=args.num_layers)
     else:
-        value_model = None
+        num_layers = min(args.num_layers, base.config.get_text_config().num_hidden_layers)
+        head = dict(head=args.head, num_atoms=args.num_atoms) if args.head != "scalar" else {}
+        value_model = ValueModel.from_backbone(base, num_layers=num_layers, **head)
     fit(
         base, tokenizer, load_prompts(args.prompts, args.prompt_field), load_reward(args.reward), value_model,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, gamma=args.gamma, lam=args.lam, epochs=args.epochs,
         batch_size=args.batch_size, sampling_batch_size=args.sampling_batch_size, learning_rate=args.learning_rate,
-        output_dir=args.output, seed=args.seed,
-        progress=not args.no_progress, reward_name=args.reward,
+        output_dir=args.output, seed=args.seed, eval_fraction=args.eval_fraction,
+        progress=not args.no_progress, reward_name=args.reward, overwrite_output_dir=args.overwrite_output,
+        keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
+        keep_best=not args.last_epoch,
     )
     logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
 

@@ -118,7 +118,9 @@ def fit(
         value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
     _check_vocabulary(value_model, base_model, tokenizer)
     if value_model.distributional and gamma != 1:
-        raise ValueError(f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {gamma!r}")
+        raise ValueError(
+            f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {gamma!r}"
+        )
     value_model.to(base_model.device)
     value_model.config.base_model = getattr(base_model.config, "_name_or_path", None) or value_model.config.base_model
     value_model.config.reward = reward_name or _callable_name(reward_fn)

@@ -311,7 +311,9 @@ def _check_betas(beta, num_models: int) -> list[float]:
     if betas is not None and len(betas) == 1:
         betas = betas * num_models
     if betas is None or len(betas) != num_models:
-        raise ValueError(f"`beta` must be a float or a list with one float per value model ({num_models}), got {beta!r}")
+        raise ValueError(
+            f"`beta` must be a float or a list with one float per value model ({num_models}), got {beta!r}"
+        )
     for index, value in enumerate(betas):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"`beta` must hold finite floats, got {value!r} at index {index}")

@@ -104,10 +104,14 @@ class ValueModelConfig:
             raise ValueError(f"`num_atoms` must be an int >= 2, got {self.num_atoms!r}")
         low, high = _finite_pair(self.value_range)
         if not low < high:
-            raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {self.value_range!r}")
+            raise ValueError(
+                f"`value_range` must be (low, high) finite floats with low < high, got {self.value_range!r}"
+            )
         self.value_range = (low, high)
         if (self.reward_mean is None) != (self.reward_std is None):
-            raise ValueError(f"`reward_mean` and `reward_std` go together, got {self.reward_mean!r}, {self.reward_std!r}")
+            raise ValueError(
+                f"`reward_mean` and `reward_std` go together, got {self.reward_mean!r}, {self.reward_std!r}"
+            )
         if self.reward_std is not None and (not math.isfinite(self.reward_std) or self.reward_std <= 0
                                             or not math.isfinite(self.reward_mean)):
             raise ValueError(f"`reward_std` must be a finite float > 0 and `reward_mean` finite, got "
@@ -197,7 +201,8 @@ def _check_causal(config: PretrainedConfig) -> None:
 
     model_type = config.model_type
     bidirectional = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or bidirectional:
+    causal_lm = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False) or not causal_lm or bidirectional:
         raise ValueError(
             f"The value model's backbone must be a causal (decoder-only) language model, got model_type "
             f"{model_type!r}{' (bidirectional: every position would see the future)' if bidirectional else ''}"
