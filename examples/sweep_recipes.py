@@ -86,8 +86,8 @@ def main():
         reward, se = mean_and_se(rewards.view(len(prompts), 4).mean(-1).tolist())
         kl = run.log_ratio.mean().item()
         rows.append(dict(beta=beta, reward=reward, reward_se=se, kl=kl, gain_ratio=gain_ratio(reward, kl, curve)))
-        print(f"{args.tag} beta={beta:g}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}, "
-              f"gain ratio {rows[-1]['gain_ratio']:.2f}", flush=True)
+        gain = "past Best-of-32's KL" if rows[-1]["gain_ratio"] is None else f"{rows[-1]['gain_ratio']:.2f}"
+        print(f"{args.tag} beta={beta:g}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}, gain ratio {gain}", flush=True)
     result = dict(tag=args.tag, recipe=vars(args) | {"reference": str(args.reference), "output": str(args.output)},
                   train_seconds=train_seconds, config=value_model.config.to_dict() | {"backbone_config": None},
                   rows=rows)

@@ -144,12 +144,12 @@ def test_fit_standardises_the_rewards_and_spans_them_with_the_atoms():
 @pytest.mark.slow
 def test_fit_then_vas_with_the_distributional_head_raises_the_reward_on_unseen_prompts():
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
-    prompts = random_prompts(272)
+    prompts = random_prompts(320)
     value_model = ValueModel.from_backbone(tiny_config("llama"), pad_token_id=PAD, head="distributional")
     value_model.backbone.load_state_dict(base.model.state_dict())
     fit(base, tokenizer, prompts[:256], count_good_words, value_model, samples_per_prompt=4, max_new_tokens=16,
         epochs=10, batch_size=16, learning_rate=3e-3, lam=1.0, progress=False)
     without = mean_reward(base, tokenizer, prompts[256:], [VAS(value_model, beta=0.0, top_k=20)])
     steered = mean_reward(base, tokenizer, prompts[256:], [VAS(value_model, beta=3.0, top_k=20)])
-    # Measured here: 2.06 -> 3.56 (1.7x; the scalar head reaches 5.19 at the same beta per std).
+    # Measured here: 1.92 -> 3.48 (1.8x; the scalar head reaches 5.23 at the same beta per std).
     assert steered >= 1.5 * without, (without, steered)

