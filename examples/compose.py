@@ -20,7 +20,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from common import (EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts, sample,
                     train_or_load, use_threads, vader_reward)
 

@@ -14,7 +14,6 @@ import argparse
 import logging
 import time
 
-import torch
 from common import (NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_error, movie_prompts, sample,
                     train_or_load, use_threads, vader_reward)
 
