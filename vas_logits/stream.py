@@ -165,10 +165,12 @@ class DecodingStream:
         """Record the bookkeeping of the columns after the first `keep` (which are cached already)."""
         new_ids = input_ids[:, keep:]  # (B, n)
         if self.prompt_mask is not None:
+            # Columns past the prompt are generated tokens, all real: only a start expands the prompts' mask.
+            new_is_real = torch.ones_like(new_ids, dtype=torch.bool)
             rows, width = self.prompt_mask.shape
-            mask = self.prompt_mask.to(input_ids.device).repeat_interleave(input_ids.shape[0] // rows, dim=0)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], max(0, input_ids.shape[1] - width))], dim=-1)
-            new_is_real = mask[:, keep : input_ids.shape[1]]
+            if keep < width:
+                prompt = self.prompt_mask[:, keep:].to(input_ids.device)
+                new_is_real[:, : prompt.shape[1]] = prompt.repeat_interleave(input_ids.shape[0] // rows, dim=0)
         elif self.pad_token_id is None:
             new_is_real = torch.ones_like(new_ids, dtype=torch.bool)
         else:

@@ -102,12 +102,7 @@ class ValueModelConfig:
             raise ValueError(f"`head` must be one of {HEAD_TYPES}, got {self.head!r}")
         if isinstance(self.num_atoms, bool) or not isinstance(self.num_atoms, int) or self.num_atoms < 2:
             raise ValueError(f"`num_atoms` must be an int >= 2, got {self.num_atoms!r}")
-        low, high = _finite_pair(self.value_range)
-        if not low < high:
-            raise ValueError(
-                f"`value_range` must be (low, high) finite floats with low < high, got {self.value_range!r}"
-            )
-        self.value_range = (low, high)
+        self.value_range = _value_range(self.value_range)
         if (self.reward_mean is None) != (self.reward_std is None):
             raise ValueError(
                 f"`reward_mean` and `reward_std` go together, got {self.reward_mean!r}, {self.reward_std!r}"
@@ -144,12 +139,13 @@ class ValueModelConfig:
         return cls.from_dict(values)
 
 
-def _finite_pair(values) -> tuple[float, float]:
+def _value_range(values) -> tuple[float, float]:
+    """`values` as (low, high) floats, or a ValueError naming the argument."""
     try:
         low, high = (float(value) for value in values)
     except (TypeError, ValueError):
-        raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {values!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high)):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {values!r}")
     return low, high
 
@@ -245,7 +241,7 @@ class ValueModel(nn.Module):
         _check_causal(backbone_config)
         self.backbone = _build_backbone(backbone_config, dtype)
         hidden_size = self.backbone.config.hidden_size
-        outputs = config.num_atoms if config.head == "distributional" else 1
+        outputs = config.num_atoms if self.distributional else 1
         self.head = nn.Linear(hidden_size, outputs, dtype=self.backbone.dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -260,10 +256,7 @@ class ValueModel(nn.Module):
 
     def set_value_range(self, low: float, high: float) -> None:
         """Move the distributional head's atoms (only sensible before it is trained: fit() does it)."""
-        low, high = _finite_pair((low, high))
-        if not low < high:
-            raise ValueError(f"`value_range` must be (low, high) finite floats with low < high, got {(low, high)!r}")
-        self.config.value_range = (low, high)
+        self.config.value_range = _value_range((low, high))
 
     @property
     def device(self) -> torch.device:
