@@ -126,3 +126,23 @@ GOOD_WORDS = {f"w{i}" for i in range(10, 22)}  # 12 of the 96 ids
 def count_good_words(prompts, completions):
     """A synthetic reward: how many words of the completion are in GOOD_WORDS."""
     return [float(sum(word in GOOD_WORDS for word in completion.split())) for completion in completions]
+
+
+def bpe_tokenizer():
+    """A byte-level BPE fast tokenizer with at most 96 ids, trained here on a fixed text, so that text pieces
+    merge across boundaries and split into several tokens as real tokenizers' do. <s> is prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = ["the movie was great and the plot was fine", "a bad film with a good cast", "it was not bad at all"]
+    alphabet = sorted(set("".join(corpus)))
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:0] + alphabet,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(corpus * 20, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    assert tokenizer.get_vocab_size() <= VOCAB_SIZE, tokenizer.get_vocab_size()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
