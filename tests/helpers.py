@@ -137,7 +137,8 @@ def bpe_tokenizer():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    corpus = ["the movie was great and the plot was fine", "a bad film with a good cast", "it was not bad at all"]
+    corpus = ["the movie was great and the plot was fine", "a bad film with a good cast", "it was not bad at all",
+              "w4 w10 w12 w23 w35 w46 w57 w68 w79 w91 w88"]  # the word tokenizer's words, as several tokens
     alphabet = sorted(set("".join(corpus)))
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:0] + alphabet,

@@ -7,22 +7,37 @@ A small value model V re-weights a frozen base model's next-token distribution:
 >>> from vas_logits import VAS, ValueModel
 >>> value_model = ValueModel.from_pretrained("someone/vas-sentiment")          # doctest: +SKIP
 >>> model.generate(**inputs, logits_processor=[VAS(value_model, beta=2.0)])   # doctest: +SKIP
+
+A model reachable only through an OpenAI-compatible API (needs `pip install "vas-logits[api]"`):
+
+>>> from vas_logits import VASClient
+>>> client = VASClient("http://127.0.0.1:8000/v1", value_model, tokenizer, beta=2.0)  # doctest: +SKIP
+>>> client.generate(["The movie was"], max_new_tokens=32)                             # doctest: +SKIP
 """
 
 __version__ = "0.2.0"
 
+from .api import APICompletion, APIGenerationError, VASClient
+from .endpoint import CompletionsEndpoint, EndpointError
 from .fit import fit
 from .processor import VAS, ValueAugmentedLogitsProcessor
 from .rewards import reward_model_fn
 from .targets import td_lambda_targets
+from .text_values import TextValuer
 from .value_model import ValueModel, ValueModelConfig, ValueModelOutput
 
 __all__ = [
+    "APICompletion",
+    "APIGenerationError",
+    "CompletionsEndpoint",
+    "EndpointError",
+    "VASClient",
     "VAS",
     "ValueAugmentedLogitsProcessor",
     "ValueModel",
     "ValueModelConfig",
     "ValueModelOutput",
+    "TextValuer",
     "__version__",
     "fit",
     "reward_model_fn",
