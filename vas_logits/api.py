@@ -69,7 +69,7 @@ class VASClient:
         eos_texts: Pieces that mean end of sequence: they end the completion and are valued as the value
             tokenizer's EOS token (fit() trains V(s∘EOS) toward the reward). Default: the empty piece and the
             tokenizers' EOS tokens.
-        concurrency: Prompts decoded at once (threads), i.e. requests in flight.
+        concurrency: Prompts decoded at once (threads), i.e. requests in flight; default: the endpoint's.
 
     Example:
         >>> client = VASClient("http://127.0.0.1:8000/v1", value_model, tokenizer, beta=2.0, top_k=10)
@@ -85,7 +85,7 @@ class VASClient:
         top_k: int = 10,
         *,
         eos_texts: Sequence[str] | None = None,
-        concurrency: int = 8,
+        concurrency: int | None = None,
     ):
         self.endpoint = CompletionsEndpoint(endpoint) if isinstance(endpoint, str) else endpoint
         self.value_models = [value_models] if isinstance(value_models, ValueModel) else list(value_models)
@@ -99,7 +99,7 @@ class VASClient:
             self.tokenizers = [tokenizers] * len(self.value_models)
         self.betas = _check_betas(beta, len(self.value_models))
         self.top_k = _positive_int("top_k", top_k)
-        self.concurrency = _positive_int("concurrency", concurrency)
+        self.concurrency = self.endpoint.concurrency if concurrency is None else _positive_int("concurrency", concurrency)
         if eos_texts is None:
             eos_texts = list(DEFAULT_EOS_TEXTS) + [t.eos_token for t in self.tokenizers if t.eos_token is not None]
         self.eos_texts = frozenset(eos_texts)

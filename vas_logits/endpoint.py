@@ -45,6 +45,9 @@ class CompletionsEndpoint:
         timeout: Seconds one request may take, retries not counted.
         max_retries: Retries of a failed request (connection errors, 408/409/429/5xx), with exponential
             backoff (the openai client's: 0.5 s doubling up to 8 s, with jitter).
+        concurrency: Requests kept in flight: fit() samples this many prompts at once, and VASClient decodes this
+            many at once unless told otherwise. A server that handles one request at a time and keeps one prompt
+            cache (llama-cpp-python) is fastest at 1; batching servers (vLLM, TGI, llama.cpp `-np`) gain from more.
         client: An `openai.OpenAI` client to use instead of building one (its own settings then apply).
 
     Example:
@@ -53,14 +56,17 @@ class CompletionsEndpoint:
     """
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 60.0, max_retries: int = 3, client=None):
+                 timeout: float = 60.0, max_retries: int = 3, concurrency: int = 8, client=None):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"`base_url` must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"`max_retries` must be a non-negative integer, got {max_retries!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"`concurrency` must be a positive integer, got {concurrency!r}")
         self.base_url = base_url.rstrip("/")
+        self.concurrency = concurrency
         self._model = model
         if client is None:
             openai = _require_openai()

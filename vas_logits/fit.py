@@ -1,6 +1,7 @@
 """fit(): train a value model on samples of a frozen base model with TD(lambda) (Han et al., arXiv 2405.06639).
 
-    samples  = the base model's own completions of the prompts, each scored once by reward_fn  (sampling.py)
+    samples  = the base model's own completions of the prompts, each scored once by reward_fn  (sampling.py),
+               sampled through an API endpoint or given as text with their rewards             (text_samples.py)
     targets  = TD(lambda) returns from the value model's current predictions                    (targets.py)
     loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW; grad-norm clipping
 
@@ -27,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .run_dir import COMPLETE_MARKER, RunDirectory, sampling_fingerprint
+from .endpoint import CompletionsEndpoint
+from .run_dir import COMPLETE_MARKER, RunDirectory, describe_base_model, sampling_fingerprint
 from .sampling import RewardFn, Sample, SampleStore, pad_batch, sample_and_score
+from .text_samples import endpoint_sample_and_score, given_samples, read_text_samples
 from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
 from .value_model import WEIGHTS_NAME, ValueModel
 
@@ -41,10 +44,11 @@ DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap 
 def fit(
     base_model,
     tokenizer,
-    prompts: Iterable[str],
-    reward_fn: RewardFn,
+    prompts: Iterable[str] | None = None,
+    reward_fn: RewardFn | None = None,
     value_model: ValueModel | None = None,
     *,
+    samples=None,
     samples_per_prompt: int = 4,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -69,12 +73,19 @@ def fit(
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
     Args:
-        base_model: A transformers causal LM (never modified).
-        tokenizer: Its tokenizer (the value model shares it).
+        base_model: A transformers causal LM (never modified); or a `CompletionsEndpoint`, to sample a model
+            reachable only through an OpenAI-compatible API; or None with `samples`.
+        tokenizer: The value model's tokenizer (for a local base model, the base's: they share it). Text from an
+            endpoint or `samples` is tokenised with it.
         prompts: Prompt strings, as they are fed to the base model (apply a chat template beforehand): a list,
             a `datasets` column such as `dataset["prompt"]`, or any iterable of strings.
         reward_fn: `reward_fn(prompts, completions) -> list[float]`, called once per sampling batch.
-        value_model: The model to train; default: the base's first 4 layers with a zero head.
+        value_model: The model to train; default: the base's first 4 layers with a zero head (required when the
+            base model is an endpoint or None).
+        samples: Instead of `prompts` and `reward_fn`: samples of the base model generated elsewhere (vLLM, another
+            engine), as records {"prompt", "completion", "reward", optional "finish_reason": "stop" | "length"}
+            in a JSON-lines file, a `datasets.Dataset` or a list of dicts. They are tokenised with `tokenizer`
+            (text_samples.py); a "stop" completion (the default) ended with EOS.
         samples_per_prompt: Completions sampled per prompt.
         max_new_tokens: Longest completion; EOS ends one earlier.
         temperature: Sampling temperature of the base (no top-k/top-p unless `generation_kwargs` asks).
@@ -108,28 +119,47 @@ def fit(
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
+    records = None
+    if samples is not None:
+        if prompts is not None or reward_fn is not None:
+            raise ValueError("Pass either `samples` (which carry their rewards) or `prompts` and `reward_fn`, not both")
+        records = read_text_samples(samples)
+        prompts = list(dict.fromkeys(record["prompt"] for record in records))
+    elif not callable(reward_fn):
+        raise ValueError(f"`reward_fn` must be a callable reward_fn(prompts, completions) -> floats, got {reward_fn!r}")
+    local = base_model is not None and not isinstance(base_model, CompletionsEndpoint)
+    if base_model is None and records is None:
+        raise ValueError("`base_model` is None: pass a causal LM, a CompletionsEndpoint, or `samples`")
     prompts = _as_prompt_list(prompts)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
                      sampling_batch_size, learning_rate, eval_fraction)
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if value_model is None:
+        if not local:
+            raise ValueError(
+                "Without a local base model there is no default value model: pass `value_model=ValueModel."
+                "from_backbone(<a small causal LM that uses `tokenizer`>, num_layers=4)`"
+            )
         num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
         value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
-    _check_vocabulary(value_model, base_model, tokenizer)
+    _check_vocabulary(value_model, base_model if local else None, tokenizer)
     if value_model.distributional and gamma != 1:
         raise ValueError(
             f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {gamma!r}"
         )
-    value_model.to(base_model.device)
-    value_model.config.base_model = getattr(base_model.config, "_name_or_path", None) or value_model.config.base_model
-    value_model.config.reward = reward_name or _callable_name(reward_fn)
+    if local:
+        value_model.to(base_model.device)
+    base_description = describe_base_model(base_model, records)
+    value_model.config.base_model = base_description.get("name") or value_model.config.base_model
+    value_model.config.reward = reward_name or (_callable_name(reward_fn) if records is None else "given rewards")
     value_model.config.pad_token_id = pad_token_id
 
     run = RunDirectory(output_dir) if output_dir is not None else None
     if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
         fingerprint = sampling_fingerprint(
-            base_model, tokenizer, prompts, reward_name or _callable_name(reward_fn, qualified=True),
+            base_description, tokenizer, prompts,
+            reward_name or (_callable_name(reward_fn, qualified=True) if records is None else "given rewards"),
             samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
             generation_kwargs=generation_kwargs or {})
         run.check(fingerprint, overwrite_output_dir)
@@ -145,11 +175,12 @@ def fit(
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
     store = SampleStore(run.samples if run else None)
-    samples = _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed,
-                               samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-                               temperature=temperature,
-                               prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
-                               pad_token_id=pad_token_id, generation_kwargs=generation_kwargs, progress=progress)
+    sampler = _sampler(base_model, tokenizer, reward_fn, records, samples_per_prompt=samples_per_prompt,
+                       max_new_tokens=max_new_tokens, temperature=temperature,
+                       prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
+                       pad_token_id=pad_token_id, generation_kwargs=generation_kwargs)
+    samples = _collect_samples(sampler, indexed, store, rank, world_size, seed,
+                               None if records else samples_per_prompt, progress)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
     eval_samples = [sample for sample in samples if sample.prompt_index in eval_indices]
     rewards = torch.tensor([sample.reward for sample in samples])
@@ -225,6 +256,11 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
 
 def _check_vocabulary(value_model: ValueModel, base_model, tokenizer) -> None:
     value_vocab = value_model.backbone_config.vocab_size
+    if base_model is None:  # an endpoint or given samples: only the value model's tokenizer matters
+        if len(tokenizer) > value_vocab:
+            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the value model's vocabulary only "
+                             f"{value_vocab}: pass the value model's own tokenizer")
+        return
     base_vocab = base_model.get_output_embeddings().weight.shape[0]
     if value_vocab != base_vocab or len(tokenizer) > value_vocab:
         raise ValueError(
@@ -246,9 +282,27 @@ def _setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, world_size, seed, **options):
+def _sampler(base_model, tokenizer, reward_fn, records, **options):
+    """sample(prompts, store, progress) -> new Samples of the (index, text) prompts, appended to `store`."""
+    if records is not None:
+        return lambda prompts, store, progress: given_samples(records, tokenizer, prompts, store, progress)
+    if isinstance(base_model, CompletionsEndpoint):
+        return lambda prompts, store, progress: endpoint_sample_and_score(
+            base_model, tokenizer, prompts, reward_fn, store, progress=progress, **options)
+
+    def sample_locally(prompts, store, progress):
+        was_training = base_model.training
+        base_model.eval()
+        try:
+            return sample_and_score(base_model, tokenizer, prompts, reward_fn, store, progress=progress, **options)
+        finally:
+            base_model.train(was_training)
+    return sample_locally
+
+
+def _collect_samples(sampler, indexed, store, rank, world_size, seed, samples_per_prompt, progress):
     """Stored samples plus new ones for the prompts not sampled yet; every process gets all of them."""
-    stored = store.load(options["samples_per_prompt"]) if rank == 0 else []
+    stored = store.load(samples_per_prompt) if rank == 0 else []
     if world_size > 1:
         shared = [stored]
         dist.broadcast_object_list(shared, src=0)
@@ -259,14 +313,8 @@ def _collect_samples(base_model, tokenizer, indexed, reward_fn, store, rank, wor
         logger.info("Reusing %d stored samples; sampling %d more prompts", len(stored), len(missing))
     # Each process samples its shard; only rank 0 writes, after gathering.
     torch.manual_seed(seed * 1000 + rank + len(done))
-    was_training = base_model.training
-    base_model.eval()
-    try:
-        shard_store = store if world_size == 1 else SampleStore(None)
-        new = sample_and_score(base_model, tokenizer, missing[rank::world_size], reward_fn, shard_store,
-                               progress=options.pop("progress") and rank == 0, **options)
-    finally:
-        base_model.train(was_training)
+    shard_store = store if world_size == 1 else SampleStore(None)
+    new = sampler(missing[rank::world_size], shard_store, progress and rank == 0)
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, new)

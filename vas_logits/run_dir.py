@@ -32,17 +32,32 @@ FINAL_DIR = "value_model"
 COMPLETE_MARKER = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
 
 
-def sampling_fingerprint(base_model, tokenizer, prompts: list[str], reward: str, **settings: Any) -> dict[str, Any]:
-    """What determines the stored samples: change any of it and they are no longer samples of this run."""
-    prompts_hash = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+def describe_base_model(base_model, records: list[dict] | None = None) -> dict[str, Any]:
+    """What identifies the source of the samples: a local model by name, type and size; an API endpoint by its
+    URL and served model; samples given as text by their hash."""
+    if records is not None:
+        return {"samples": f"{len(records)} given samples, sha256 {_hash(records)}"}
+    if hasattr(base_model, "base_url"):  # a CompletionsEndpoint
+        return {"name": base_model.model, "endpoint": base_model.base_url}
     return {
-        "prompts": f"{len(prompts)} prompts, sha256 {prompts_hash[:16]}",
+        "name": _name(getattr(base_model.config, "_name_or_path", None)),
+        "model_type": base_model.config.model_type,
+        "parameters": sum(parameter.numel() for parameter in base_model.parameters()),
+    }
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sampling_fingerprint(base_model: dict[str, Any], tokenizer, prompts: list[str], reward: str,
+                         **settings: Any) -> dict[str, Any]:
+    """What determines the stored samples: change any of it and they are no longer samples of this run.
+    `base_model` is `describe_base_model`'s description."""
+    return {
+        "prompts": f"{len(prompts)} prompts, sha256 {_hash(prompts)}",
         "reward": reward,
-        "base_model": {
-            "name": _name(getattr(base_model.config, "_name_or_path", None)),
-            "model_type": base_model.config.model_type,
-            "parameters": sum(parameter.numel() for parameter in base_model.parameters()),
-        },
+        "base_model": base_model,
         "tokenizer": {"name": _name(getattr(tokenizer, "name_or_path", None)), "size": len(tokenizer)},
         **json.loads(json.dumps(settings, sort_keys=True, default=repr)),
     }

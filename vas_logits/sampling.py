@@ -98,6 +98,18 @@ def check_rewards(rewards, expected: int, batch_index: int) -> list[float]:
     return rewards
 
 
+def score_batch(reward_fn: RewardFn, prompt_texts: list[str], completion_texts: list[str], store: "SampleStore",
+                batch: Sequence[tuple[int, str]], batch_index: int) -> list[float]:
+    """reward_fn on one sampling batch; its failure names the batch and where the earlier batches are kept."""
+    try:
+        return check_rewards(reward_fn(prompt_texts, completion_texts), len(completion_texts), batch_index)
+    except Exception as error:
+        kept = store.path is not None and store.path.exists() and store.path.stat().st_size > 0
+        where = f"; the samples of earlier batches are kept in {store.path}" if kept else ""
+        first, last = batch[0][0], batch[-1][0]
+        raise RuntimeError(f"reward_fn failed on sampling batch {batch_index} (prompts {first}..{last}){where}") from error
+
+
 def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "left"):
     """(batch, max_len) ids and 0/1 attention mask; "left" as decoder-only generate() expects, "right" for training."""
     width = max(len(sequence) for sequence in sequences)
@@ -154,15 +166,7 @@ def sample_and_score(
         completions = [cut_completion(row, eos_token_ids) for row in output[:, input_ids.shape[1] :].cpu()]
         prompt_texts = [text for _, text in batch for _ in range(samples_per_prompt)]
         completion_texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        try:
-            rewards = check_rewards(reward_fn(prompt_texts, completion_texts), len(completions), batch_index)
-        except Exception as error:
-            kept = store.path is not None and store.path.exists() and store.path.stat().st_size > 0
-            where = f"; the samples of earlier batches are kept in {store.path}" if kept else ""
-            first, last = batch[0][0], batch[-1][0]
-            raise RuntimeError(
-                f"reward_fn failed on sampling batch {batch_index} (prompts {first}..{last}){where}"
-            ) from error
+        rewards = score_batch(reward_fn, prompt_texts, completion_texts, store, batch, batch_index)
         new = [
             Sample(index, ids, completion, reward)
             for (index, _), ids, completion, reward in zip(

@@ -1,0 +1,146 @@
+"""fit() on samples given as text (JSONL, datasets.Dataset, dicts) and on samples drawn through an API endpoint."""
+
+import json
+
+import pytest
+import torch
+
+from vas_logits import CompletionsEndpoint, ValueModel, fit
+from vas_logits.text_samples import read_text_samples, tokenize_text_sample
+
+from .helpers import EOS, bpe_tokenizer, count_good_words, tiny_causal_lm, word_tokenizer
+from .test_fit import FIT_OPTIONS, random_prompts
+
+
+def stored(output_dir):
+    return [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def as_text_records(samples, prompts, tokenizer):
+    """What another engine would have written for these samples: the completion as text, ending by itself or not."""
+    records = []
+    for sample in samples:
+        ids = sample["completion_ids"]
+        finished = bool(ids) and ids[-1] == EOS
+        words = tokenizer.convert_ids_to_tokens(ids[:-1] if finished else ids)
+        records.append({"prompt": prompts[sample["prompt_index"]], "completion": "".join(" " + w for w in words),
+                        "reward": sample["reward"], "finish_reason": "stop" if finished else "length"})
+    return records
+
+
+@pytest.mark.parametrize("form", ["list", "jsonl", "dataset"])
+def test_given_text_samples_train_exactly_as_the_same_samples_drawn_in_process(tmp_path, form):
+    """Samples written out as text and given back re-tokenise to the same ids, so fit() trains the same model."""
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = random_prompts(12)
+    options = dict(FIT_OPTIONS, epochs=2, eval_fraction=0.25)
+    torch.manual_seed(0)
+    local = fit(base, tokenizer, prompts, count_good_words, ValueModel.from_backbone(base, num_layers=1),
+                output_dir=tmp_path / "local", **options)
+    records = as_text_records(stored(tmp_path / "local"), prompts, tokenizer)
+    assert any(r["finish_reason"] == "stop" for r in records) or all(r["finish_reason"] == "length" for r in records)
+    source = records
+    if form == "jsonl":
+        source = tmp_path / "samples.jsonl"
+        source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    elif form == "dataset":
+        datasets = pytest.importorskip("datasets")
+        source = datasets.Dataset.from_list(records)
+    torch.manual_seed(0)
+    given = fit(None, tokenizer, samples=source, value_model=ValueModel.from_backbone(base, num_layers=1),
+                output_dir=tmp_path / "given", **options)
+    drop_index = [{key: value for key, value in sample.items()} for sample in stored(tmp_path / "local")]
+    assert stored(tmp_path / "given") == drop_index
+    for name, parameter in local.state_dict().items():
+        torch.testing.assert_close(given.state_dict()[name], parameter, msg=name)
+    assert given.config.reward == "given rewards"
+
+
+def test_a_completion_that_merges_with_the_prompt_is_split_at_the_shared_tokens():
+    tokenizer = bpe_tokenizer()
+    sample = tokenize_text_sample(tokenizer, 0, "the movie wa", "s great", 1.0, "stop")
+    full = tokenizer("the movie was great")["input_ids"]
+    assert sample.prompt_ids + sample.completion_ids == full + [tokenizer.eos_token_id]
+    assert len(sample.prompt_ids) < len(tokenizer("the movie wa")["input_ids"])  # "wa" merged into "was"
+    cut = tokenize_text_sample(tokenizer, 0, "the movie", " was", 1.0, "length")
+    assert cut.completion_ids == tokenizer("the movie was")["input_ids"][-1:]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "w4", "completion": " w5"}, r"samples\[0\] lacks \['reward'\]"),
+    ({"prompt": "", "completion": " w5", "reward": 1}, "prompt ''"),
+    ({"prompt": "w4", "completion": None, "reward": 1}, "completion None"),
+    ({"prompt": "w4", "completion": " w5", "reward": "1"}, "reward '1'"),
+    ({"prompt": "w4", "completion": " w5", "reward": float("inf")}, "finite number"),
+    ({"prompt": "w4", "completion": " w5", "reward": 1, "finish_reason": "eos"}, "finish_reason 'eos'"),
+    ("w4 w5", "must be a dict"),
+])
+def test_bad_records_are_named(record, message):
+    with pytest.raises(ValueError, match=message):
+        read_text_samples([record])
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "w4", "completion": " w5", "reward": 1}\n\n{"prompt": "w4", \n')
+    with pytest.raises(ValueError, match="line 3 of .*s.jsonl is not JSON"):
+        read_text_samples(path)
+    with pytest.raises(ValueError, match="is not a file"):
+        read_text_samples(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="holds no sample"):
+        read_text_samples([])
+
+
+def test_fit_refuses_mixed_or_missing_sources():
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    records = [{"prompt": "w4", "completion": " w5", "reward": 1.0}]
+    with pytest.raises(ValueError, match="either `samples`"):
+        fit(base, tokenizer, ["w4"], count_good_words, samples=records)
+    with pytest.raises(ValueError, match="no default value model"):
+        fit(None, tokenizer, samples=records)
+    with pytest.raises(ValueError, match="`base_model` is None"):
+        fit(None, tokenizer, ["w4"], count_good_words)
+    with pytest.raises(ValueError, match="`reward_fn` must be a callable"):
+        fit(base, tokenizer, ["w4"])
+
+
+def test_other_given_samples_are_refused_in_the_same_output_dir(tmp_path):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    records = [{"prompt": "w4 w5", "completion": " w6 w7", "reward": 1.0},
+               {"prompt": "w8", "completion": " w9", "reward": 0.0, "finish_reason": "length"}]
+    options = dict(FIT_OPTIONS, epochs=1, output_dir=tmp_path)
+    fit(None, tokenizer, samples=records, value_model=ValueModel.from_backbone(base, num_layers=1), **options)
+    records[1]["reward"] = 5.0
+    with pytest.raises(ValueError, match="samples"):
+        fit(None, tokenizer, samples=records, value_model=ValueModel.from_backbone(base, num_layers=1), **options)
+
+
+def test_fit_samples_through_an_endpoint(tmp_path):
+    """The served model is sampled through the API (n completions per prompt), each text scored by reward_fn and
+    tokenised with the value model's tokenizer."""
+    pytest.importorskip("openai")
+    from .fake_endpoint import FakeEndpoint
+
+    tokenizer = word_tokenizer()
+    served = FakeEndpoint(tiny_causal_lm("llama"), tokenizer)
+    try:
+        endpoint = CompletionsEndpoint(served.url, timeout=10, max_retries=0, concurrency=3)
+        prompts = random_prompts(6)
+        value_model = ValueModel.from_backbone(tiny_causal_lm("gpt2"), num_layers=1)  # not the served architecture
+        trained = fit(endpoint, tokenizer, prompts, count_good_words, value_model,
+                      output_dir=tmp_path, **dict(FIT_OPTIONS, epochs=1, max_new_tokens=5))
+    finally:
+        served.close()
+    assert len(served.requests) == 6 * 2  # the server returns one choice per request: asked again for the second
+    assert sorted(body["n"] for body in served.requests) == [1] * 6 + [2] * 6
+    assert all(body["max_tokens"] == 5 and body["temperature"] == 1.0 for body in served.requests)
+    samples = stored(tmp_path)
+    assert sorted(sample["prompt_index"] for sample in samples) == sorted(list(range(6)) * 2)
+    for sample in samples:
+        ids = sample["completion_ids"]
+        text = "".join(" " + w for w in tokenizer.convert_ids_to_tokens([i for i in ids if i != EOS]))
+        assert sample["reward"] == count_good_words([""], [text])[0]
+        assert len([i for i in ids if i != EOS]) <= 5
+    assert trained.config.base_model == "tiny"
+    fingerprint = json.loads((tmp_path / "sampling.json").read_text())
+    assert fingerprint["base_model"] == {"name": "tiny", "endpoint": served.url}
