@@ -85,6 +85,10 @@ class FakeEndpoint:
         logprobs = self.next_logprobs(body["prompt"])
         if body.get("logprobs"):  # a next-token query: max_tokens=1
             values, ids = logprobs.topk(int(body["logprobs"]))
+            if ids[0].item() == EOS and not body.get("min_tokens"):  # as llama-cpp-python: EOS sampled, no logprobs
+                choice = {"text": "", "index": 0, "finish_reason": "stop",
+                          "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}}
+                return {"id": "x", "object": "text_completion", "created": 0, "model": "tiny", "choices": [choice]}
             top = {self.piece(i): v for i, v in zip(ids.tolist(), values.tolist())}
             choice = {"text": self.piece(ids[0].item()), "index": 0, "finish_reason": "length",
                       "logprobs": {"tokens": [self.piece(ids[0].item())], "token_logprobs": [values[0].item()],

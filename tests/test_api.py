@@ -258,3 +258,19 @@ def test_sample_asks_again_when_the_server_ignores_n(served):
     with pytest.raises(EndpointError, match="sampling failed"):
         served.misbehave = lambda number, body: (400, b"{}")
         CompletionsEndpoint(served.url, max_retries=0).sample("w4", n=1, max_tokens=5, where="prompt 7")
+
+
+def test_next_token_requests_keep_the_server_from_stopping_at_eos(served):
+    """A server that samples EOS stops before reporting log-probabilities: min_tokens=1 is sent by default, and
+    without it the error says so."""
+    value_model = tiny_value_model("llama")
+    eos_prompt = next(prompt for prompt in (f"w{i}" for i in range(4, 96))
+                      if served.next_logprobs(prompt).argmax().item() == EOS)  # the server's greedy choice is EOS
+    client = make_client(served, value_model, word_tokenizer(), 0.0)
+    result = client.generate([eos_prompt], max_new_tokens=3, do_sample=False, progress=False)[0]
+    assert (result.finish_reason, result.num_steps) == ("stop", 1)
+    assert all(body["min_tokens"] == 1 for body in served.requests)
+    bare = VASClient(CompletionsEndpoint(served.url, max_retries=0, next_token_body={}), value_model,
+                     word_tokenizer(), beta=0.0, top_k=5)
+    with pytest.raises(APIGenerationError, match="sampled EOS and stopped"):
+        bare.generate([eos_prompt], max_new_tokens=3, do_sample=False, progress=False)

@@ -48,6 +48,10 @@ class CompletionsEndpoint:
         concurrency: Requests kept in flight: fit() samples this many prompts at once, and VASClient decodes this
             many at once unless told otherwise. A server that handles one request at a time and keeps one prompt
             cache (llama-cpp-python) is fastest at 1; batching servers (vLLM, TGI, llama.cpp `-np`) gain from more.
+        next_token_body: Extra JSON fields of every next-token request. Default `{"min_tokens": 1}`: a server that
+            samples EOS for the one token asked stops before reporting any log-probability (llama-cpp-python,
+            vLLM), and `min_tokens` keeps it from sampling EOS without changing the reported log-probabilities.
+            Pass `{}` for servers that refuse the field (OpenAI's own API).
         client: An `openai.OpenAI` client to use instead of building one (its own settings then apply).
 
     Example:
@@ -56,7 +60,8 @@ class CompletionsEndpoint:
     """
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 60.0, max_retries: int = 3, concurrency: int = 8, client=None):
+                 timeout: float = 60.0, max_retries: int = 3, concurrency: int = 8,
+                 next_token_body: dict | None = None, client=None):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"`base_url` must be an http(s) URL such as 'http://127.0.0.1:8000/v1', got {base_url!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -67,6 +72,7 @@ class CompletionsEndpoint:
             raise ValueError(f"`concurrency` must be a positive integer, got {concurrency!r}")
         self.base_url = base_url.rstrip("/")
         self.concurrency = concurrency
+        self.next_token_body = {"min_tokens": 1} if next_token_body is None else dict(next_token_body)
         self._model = model
         if client is None:
             openai = _require_openai()
@@ -103,7 +109,7 @@ class CompletionsEndpoint:
         context = f"{self.base_url}/completions ({where})" if where else f"{self.base_url}/completions"
         try:
             response = self.client.completions.create(model=self.model, prompt=text, max_tokens=1, logprobs=top_k,
-                                                      temperature=temperature)
+                                                      temperature=temperature, extra_body=self.next_token_body or None)
         except EndpointError:
             raise
         except Exception as error:
@@ -111,6 +117,11 @@ class CompletionsEndpoint:
         try:
             top = response.choices[0].logprobs.top_logprobs[0]
         except (AttributeError, IndexError, KeyError, TypeError) as error:
+            if getattr(response.choices[0], "finish_reason", None) == "stop" if response.choices else False:
+                raise EndpointError(
+                    f"{context}: the server sampled EOS and stopped before reporting log-probabilities; keep "
+                    f"`next_token_body` asking for min_tokens=1 (it is {self.next_token_body})"
+                ) from error
             raise EndpointError(
                 f"{context}: the answer has no top log-probabilities (`choices[0].logprobs.top_logprobs[0]`); "
                 f"does the server support `logprobs`? (llama-cpp-python needs --logits_all true). "
