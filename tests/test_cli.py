@@ -59,3 +59,44 @@ def test_every_option_is_explained_and_defaults_are_fits_own():
         if action.dest in fit_defaults and action.default is not None:
             assert action.default == fit_defaults[action.dest], action.dest
     assert "(default: 4)" in parser.format_help()  # the value model's size is stated
+
+
+def test_vas_fit_on_given_samples_and_through_an_endpoint(tmp_path, monkeypatch):
+    tiny_causal_lm("llama").save_pretrained(tmp_path / "backbone")
+    word_tokenizer().save_pretrained(tmp_path / "backbone")
+    records = [{"prompt": f"w{i} w{i + 1}", "completion": f" w{i + 2}", "reward": float(i % 3)} for i in range(10, 22)]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    monkeypatch.chdir(tmp_path)
+    common = ["--value-backbone", "backbone", "--num-layers", "1", "--epochs", "1", "--batch-size", "4",
+              "--no-progress"]
+    main(["--samples", "samples.jsonl", "--output", "given", *common])
+    value_model = ValueModel.from_pretrained(tmp_path / "given" / "value_model")
+    assert value_model.config.reward == "given rewards"
+    assert len((tmp_path / "given" / "samples.jsonl").read_text().splitlines()) == 12
+
+    pytest.importorskip("openai")
+    from .fake_endpoint import FakeEndpoint
+
+    served = FakeEndpoint(tiny_causal_lm("llama"), word_tokenizer())
+    (tmp_path / "prompts.txt").write_text("w5 w6\nw7\nw8 w9\n")
+    (tmp_path / "api_rewards.py").write_text("def count(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    try:
+        main(["--endpoint", served.url, "--prompts", "prompts.txt", "--reward", "api_rewards:count", "--output", "api",
+              "--samples-per-prompt", "2", "--max-new-tokens", "3", *common])
+    finally:
+        served.close()
+    assert len(served.requests) == 6
+    assert ValueModel.from_pretrained(tmp_path / "api" / "value_model").config.base_model == "tiny"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "o"], "exactly one of --base, --endpoint and --samples"),
+    (["--base", "b", "--samples", "s.jsonl", "--output", "o"], "exactly one of"),
+    (["--samples", "s.jsonl", "--prompts", "p.txt", "--output", "o"], "drop --prompts and --reward"),
+    (["--base", "b", "--prompts", "p.txt", "--output", "o"], "--prompts and --reward are required"),
+    (["--samples", "s.jsonl", "--output", "o"], "--value-backbone is required"),
+])
+def test_vas_fit_source_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err

@@ -6,6 +6,13 @@
 Prompts: a text file with one prompt per line, or a .jsonl file with one object per line (`--prompt-field`).
 The reward is `module:function`, importable from the current directory, with the signature
 `function(prompts: list[str], completions: list[str]) -> list[float]`.
+
+A base model behind an OpenAI-compatible API, or samples generated elsewhere (a .jsonl of prompt, completion,
+reward), with a value model cut from a small local model that shares your tokenizer:
+
+    vas-fit --endpoint http://127.0.0.1:8000/v1 --value-backbone HuggingFaceTB/SmolLM2-135M \
+            --prompts prompts.txt --reward my_rewards:sentiment --output runs/api
+    vas-fit --samples samples.jsonl --value-backbone HuggingFaceTB/SmolLM2-135M --output runs/given
 """
 
 from __future__ import annotations
@@ -66,18 +73,28 @@ def _fit_default(name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vas-fit", description=__doc__, formatter_class=_HelpFormatter)
     what = parser.add_argument_group("what to train on")
-    what.add_argument("--base", required=True, help="the frozen base causal LM: local path or Hub id")
-    what.add_argument("--gguf-file", help="load the base from this GGUF file inside --base")
-    what.add_argument("--prompts", required=True, help="prompt file: .txt (one prompt per line) or .jsonl")
+    what.add_argument("--base", help="the frozen base causal LM: local path or Hub id")
+    what.add_argument("--endpoint",
+                      help="instead of --base: sample the base through this OpenAI-compatible API (its base URL)")
+    what.add_argument("--endpoint-model", help="the served model's name (default: the first the server lists)")
+    what.add_argument("--concurrency", type=int, default=8, help="requests in flight to --endpoint")
+    what.add_argument("--samples", help="instead of sampling: a .jsonl of prompt, completion, reward "
+                                        "[, finish_reason] per line, generated elsewhere")
+    what.add_argument("--gguf-file", help="load --base (or --value-backbone) from this GGUF file inside it")
+    what.add_argument("--prompts", help="prompt file: .txt (one prompt per line) or .jsonl (not with --samples)")
     what.add_argument("--prompt-field", default="prompt", help="the field holding the prompt in a .jsonl file")
-    what.add_argument("--reward", required=True,
-                      help="module:function(prompts, completions) -> list of floats, importable from here")
+    what.add_argument("--reward",
+                      help="module:function(prompts, completions) -> list of floats, importable from here "
+                           "(not with --samples)")
     what.add_argument("--output", required=True,
                       help="output directory: samples.jsonl, sampling.json, checkpoint/, value_model/")
     model = parser.add_argument_group("the value model")
     model.add_argument("--value-init", help="start from this value model (path or Hub id) instead of a fresh one")
+    model.add_argument("--value-backbone",
+                       help="cut a fresh value model from this causal LM (path or Hub id), whose tokenizer is used "
+                            "(default: --base; required with --endpoint or --samples)")
     model.add_argument("--num-layers", type=int, default=DEFAULT_NUM_LAYERS,
-                       help="a fresh value model is the base's first N layers with a new head")
+                       help="a fresh value model is the backbone's first N layers with a new head")
     model.add_argument("--head", choices=HEAD_TYPES, default="scalar",
                        help="scalar: the expected reward; distributional: a categorical reward distribution "
                             "(the processor then uses the soft value for each beta)")
@@ -122,31 +139,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_sources(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    sources = [name for name in ("base", "endpoint", "samples") if getattr(args, name)]
+    if len(sources) != 1:
+        parser.error(f"give exactly one of --base, --endpoint and --samples (got {sources or 'none'})")
+    if args.samples and (args.prompts or args.reward):
+        parser.error("--samples carry their prompts and rewards: drop --prompts and --reward")
+    if not args.samples and not (args.prompts and args.reward):
+        parser.error("--prompts and --reward are required (unless --samples)")
+    if not args.base and not args.value_backbone:
+        parser.error("--value-backbone is required with --endpoint or --samples (its tokenizer reads their text)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_sources(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .endpoint import CompletionsEndpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     load = dict(gguf_file=args.gguf_file) if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.base, **load)
-    base = AutoModelForCausalLM.from_pretrained(args.base, **load).to(device).eval()
+    backbone_source = args.value_backbone or args.base
+    tokenizer = AutoTokenizer.from_pretrained(backbone_source, **load)
+    base = AutoModelForCausalLM.from_pretrained(args.base, **load).to(device).eval() if args.base else None
     if args.value_init:
         value_model = ValueModel.from_pretrained(args.value_init, device=device)
     else:
-        num_layers = min(args.num_layers, base.config.get_text_config().num_hidden_layers)
+        backbone = base if base is not None and not args.value_backbone else \
+            AutoModelForCausalLM.from_pretrained(backbone_source, **load)
+        num_layers = min(args.num_layers, backbone.config.get_text_config().num_hidden_layers)
         head = dict(head=args.head, num_atoms=args.num_atoms) if args.head != "scalar" else {}
-        value_model = ValueModel.from_backbone(base, num_layers=num_layers, **head)
+        value_model = ValueModel.from_backbone(backbone, num_layers=num_layers, **head).to(device)
+    if args.endpoint:
+        base = CompletionsEndpoint(args.endpoint, args.endpoint_model, concurrency=args.concurrency)
+    sources = dict(samples=args.samples) if args.samples else dict(
+        prompts=load_prompts(args.prompts, args.prompt_field), reward_fn=load_reward(args.reward))
     fit(
-        base, tokenizer, load_prompts(args.prompts, args.prompt_field), load_reward(args.reward), value_model,
+        base, tokenizer, value_model=value_model, **sources,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, gamma=args.gamma, lam=args.lam, epochs=args.epochs,
         batch_size=args.batch_size, sampling_batch_size=args.sampling_batch_size, learning_rate=args.learning_rate,
         output_dir=args.output, seed=args.seed, eval_fraction=args.eval_fraction,
-        progress=not args.no_progress, reward_name=args.reward, overwrite_output_dir=args.overwrite_output,
+        progress=not args.no_progress, reward_name=args.reward or None, overwrite_output_dir=args.overwrite_output,
         keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
         keep_best=not args.last_epoch,
     )

@@ -151,7 +151,8 @@ def fit(
     if local:
         value_model.to(base_model.device)
     base_description = describe_base_model(base_model, records)
-    value_model.config.base_model = base_description.get("name") or value_model.config.base_model
+    base_name = getattr(base_model.config, "_name_or_path", None) if local else base_description.get("name")
+    value_model.config.base_model = base_name or value_model.config.base_model
     value_model.config.reward = reward_name or (_callable_name(reward_fn) if records is None else "given rewards")
     value_model.config.pad_token_id = pad_token_id
 
