@@ -272,5 +272,23 @@ def test_next_token_requests_keep_the_server_from_stopping_at_eos(served):
     assert all(body["min_tokens"] == 1 for body in served.requests)
     bare = VASClient(CompletionsEndpoint(served.url, max_retries=0, next_token_body={}), value_model,
                      word_tokenizer(), beta=0.0, top_k=5)
-    with pytest.raises(APIGenerationError, match="sampled EOS and stopped"):
+    served.requests.clear()
+    with pytest.raises(APIGenerationError, match="sampled an end-of-sequence token .* 9 times in a row"):
         bare.generate([eos_prompt], max_new_tokens=3, do_sample=False, progress=False)
+    assert [body.get("seed") for body in served.requests] == [None, *range(1, 9)]
+
+
+def test_a_server_that_sampled_another_eos_token_is_asked_again(served):
+    """min_tokens bans only the main EOS token: another end-of-sequence token sampled by the server also leaves
+    the answer without log-probabilities; the request is repeated with another seed."""
+    answer = served.answer
+
+    def misbehave(number, body):
+        if number in (2, 3):  # the 2nd step: twice "stopped", then a normal answer
+            return 200, json.dumps(dict(answer(body), choices=[
+                {"text": "", "index": 0, "finish_reason": "stop", "logprobs": None}])).encode()
+        return None
+    served.misbehave = misbehave
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0)
+    result = client.generate(["w4"], max_new_tokens=3, progress=False)[0]
+    assert result.error is None and len(served.requests) == result.num_steps + 2

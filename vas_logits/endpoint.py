@@ -14,6 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+# A server that samples an end-of-sequence token for the one token asked reports no log-probabilities; the
+# request is then sent again (with another seed) up to this many times. min_tokens=1 (next_token_body) makes
+# this rare: it bans the main EOS token only, and models have others (SmolLM2: <|endoftext|>, <|im_end|>).
+EOS_RETRIES = 8
+
+
 class EndpointError(RuntimeError):
     """The endpoint could not be reached, refused a request or answered something unusable."""
 
@@ -99,7 +105,9 @@ class CompletionsEndpoint:
     def top_logprobs(self, text: str, top_k: int, temperature: float = 1.0, where: str = "") -> dict[str, float]:
         """The next token's `top_k` most likely text pieces after `text`, with their log-probabilities.
 
-        One request: max_tokens=1, logprobs=top_k. The token the server samples is ignored.
+        One request: max_tokens=1, logprobs=top_k. The token the server samples is ignored; if it is an
+        end-of-sequence token and the server therefore reports nothing, the request is sent again with another
+        seed (up to EOS_RETRIES times).
 
         Raises:
             EndpointError: The request failed, or the answer has no log-probabilities, fewer than `top_k` of
@@ -107,21 +115,24 @@ class CompletionsEndpoint:
                 non-numeric ones. The message names the endpoint and `where` (e.g. "prompt 3, step 17").
         """
         context = f"{self.base_url}/completions ({where})" if where else f"{self.base_url}/completions"
-        try:
-            response = self.client.completions.create(model=self.model, prompt=text, max_tokens=1, logprobs=top_k,
-                                                      temperature=temperature, extra_body=self.next_token_body or None)
-        except EndpointError:
-            raise
-        except Exception as error:
-            raise EndpointError(f"{context}: request failed: {_describe(error)}") from error
+        for attempt in range(1 + EOS_RETRIES):
+            try:
+                response = self.client.completions.create(
+                    model=self.model, prompt=text, max_tokens=1, logprobs=top_k, temperature=temperature,
+                    seed=attempt or None, extra_body=self.next_token_body or None)
+            except Exception as error:
+                raise EndpointError(f"{context}: request failed: {_describe(error)}") from error
+            if not _stopped_without_logprobs(response):
+                break
+        else:
+            raise EndpointError(
+                f"{context}: the server sampled an end-of-sequence token and stopped before reporting "
+                f"log-probabilities, {1 + EOS_RETRIES} times in a row (next_token_body: {self.next_token_body}; "
+                "min_tokens=1 keeps llama-cpp-python and vLLM from sampling their main EOS token, not every one)"
+            )
         try:
             top = response.choices[0].logprobs.top_logprobs[0]
         except (AttributeError, IndexError, KeyError, TypeError) as error:
-            if getattr(response.choices[0], "finish_reason", None) == "stop" if response.choices else False:
-                raise EndpointError(
-                    f"{context}: the server sampled EOS and stopped before reporting log-probabilities; keep "
-                    f"`next_token_body` asking for min_tokens=1 (it is {self.next_token_body})"
-                ) from error
             raise EndpointError(
                 f"{context}: the answer has no top log-probabilities (`choices[0].logprobs.top_logprobs[0]`); "
                 f"does the server support `logprobs`? (llama-cpp-python needs --logits_all true). "
@@ -164,6 +175,16 @@ class CompletionsEndpoint:
                 raise EndpointError(f"{context}: the answer has no completion text: {str(response)[:300]}")
             completions.extend(choices)
         return completions[:n]
+
+
+def _stopped_without_logprobs(response) -> bool:
+    """The server sampled an end-of-sequence token for the one token asked and reported nothing (llama-cpp-python
+    and vLLM stop before recording an EOS token's log-probabilities)."""
+    try:
+        choice = response.choices[0]
+        return choice.finish_reason == "stop" and not (choice.logprobs and choice.logprobs.top_logprobs)
+    except (AttributeError, IndexError, TypeError):
+        return False
 
 
 def _describe(error: Exception) -> str:

@@ -1,0 +1,109 @@
+"""Throughput of VAS through an API against the number of requests in flight, with and without network latency.
+
+API mode costs one HTTP round trip per token. Decoding several prompts at once hides the round trip's
+latency behind other prompts' requests. This measures how much, against llama-cpp-python serving SmolLM2
+(one request at a time) directly and behind a local proxy that adds a fixed latency to every request, as a
+remote API would.
+
+    python examples/bench_api.py --latency-ms 0 100 --concurrency 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+from common import NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
+from llama_server import serve, smollm2_gguf
+
+from vas_logits import CompletionsEndpoint, VASClient
+
+
+class LatencyProxy:
+    """Forwards every request to `upstream` after sleeping `latency` seconds (half each way)."""
+
+    def __init__(self, upstream: str, latency: float):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, body: bytes | None):
+                time.sleep(latency / 2)
+                request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
+                                                 headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as answer:
+                        status, payload = answer.status, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, payload = error.code, error.read()
+                time.sleep(latency / 2)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self._forward(None)
+
+            def do_POST(self):
+                self._forward(self.rfile.read(int(self.headers["Content-Length"])))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0, 100])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--beta", type=float, default=2.0)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_smollm2()
+    value_model = train_or_load(model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment")
+    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    print(f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; "
+          f"llama-cpp-python server (1 thread), torch {args.threads} thread(s)")
+    print("| latency added | concurrency | tokens/s | ms per token per prompt | vs concurrency 1 |")
+    print("|---|---|---|---|---|")
+    with serve(smollm2_gguf()) as base_url:
+        root = base_url[: -len("/v1")]
+        for latency_ms in args.latency_ms:
+            proxy = LatencyProxy(root, latency_ms / 1000) if latency_ms else None
+            url = (proxy.url if proxy else root) + "/v1"
+            first = None
+            for concurrency in args.concurrency:
+                endpoint = CompletionsEndpoint(url, concurrency=concurrency)
+                client = VASClient(endpoint, value_model, tokenizer, beta=args.beta, top_k=args.top_k)
+                start = time.perf_counter()
+                results = client.generate(prompts, max_new_tokens=args.max_new_tokens, seed=0, progress=False)
+                seconds = time.perf_counter() - start
+                steps = sum(result.num_steps for result in results)
+                rate = steps / seconds
+                first = first or rate
+                print(f"| {latency_ms:g} ms | {concurrency} | {rate:.1f} | {1000 * concurrency / rate:.0f} | "
+                      f"{rate / first:.2f}× |", flush=True)
+            if proxy:
+                proxy.close()
+
+
+if __name__ == "__main__":
+    main()
