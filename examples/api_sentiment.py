@@ -89,10 +89,9 @@ def main():
             client = VASClient(endpoint, api_value_model, tokenizer, beta=args.beta, top_k=args.top_k)
             start = time.perf_counter()
             results = client.generate(prompts, max_new_tokens=args.max_new_tokens, seed=1)
-            record(f"VAS beta={args.beta:g}, value model fit through the API", [r.text for r in results],
-                   time.perf_counter() - start, sum(result.num_steps for result in results))
-            rows[-1]["fit_seconds"] = fit_seconds
-            print((EXAMPLES / "results" / "api.md").read_text() if args.output.endswith("api") else "")
+            record(f"VAS beta={args.beta:g}, value model fit through the API ({fit_seconds:.0f} s)",
+                   [r.text for r in results], time.perf_counter() - start, sum(r.num_steps for r in results))
+    print(open(args.output + ".md").read())
 
 
 def write_results(args, rows):
