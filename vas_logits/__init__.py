@@ -15,7 +15,7 @@ A model reachable only through an OpenAI-compatible API (needs `pip install "vas
 >>> client.generate(["The movie was"], max_new_tokens=32)                             # doctest: +SKIP
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .api import APICompletion, APIGenerationError, VASClient
 from .endpoint import CompletionsEndpoint, EndpointError
@@ -31,13 +31,13 @@ __all__ = [
     "APIGenerationError",
     "CompletionsEndpoint",
     "EndpointError",
-    "VASClient",
+    "TextValuer",
     "VAS",
+    "VASClient",
     "ValueAugmentedLogitsProcessor",
     "ValueModel",
     "ValueModelConfig",
     "ValueModelOutput",
-    "TextValuer",
     "__version__",
     "fit",
     "reward_model_fn",
