@@ -292,3 +292,25 @@ def test_a_server_that_sampled_another_eos_token_is_asked_again(served):
     client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0)
     result = client.generate(["w4"], max_new_tokens=3, progress=False)[0]
     assert result.error is None and len(served.requests) == result.num_steps + 2
+
+
+def test_ctrl_c_stops_every_prompt_and_keeps_what_was_generated(served, monkeypatch):
+    """A KeyboardInterrupt (here raised inside a value-model call, as Ctrl-C would land in any thread) stops
+    decoding; the interrupt carries every prompt's partial result."""
+    from vas_logits.text_values import TextValuer
+
+    original, calls = TextValuer.values, []
+
+    def interrupt_on_the_fourth_call(self, prefix, candidates):
+        calls.append(prefix)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self, prefix, candidates)
+    monkeypatch.setattr(TextValuer, "values", interrupt_on_the_fourth_call)
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, concurrency=1)
+    with pytest.raises(KeyboardInterrupt) as info:
+        client.generate(PROMPTS, max_new_tokens=8, do_sample=False, progress=False)
+    results = info.value.completions
+    assert results[0].num_steps == 3 and len(results[0].text.split()) == 3
+    assert results[0].finish_reason == "interrupted"
+    assert all(r.num_steps == 0 and r.text == "" for r in results[1:])

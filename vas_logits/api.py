@@ -155,6 +155,9 @@ class VASClient:
                 self._decode(index, results[index], seed + index, cancelled, **options)
             except EndpointError as error:
                 results[index].finish_reason, results[index].error = "error", str(error)
+            except BaseException:  # a bug, a failing value model, an interrupt: the other prompts stop too
+                cancelled.set()
+                raise
             bar.update()
 
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)), thread_name_prefix="vas-api")
