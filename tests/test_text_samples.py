@@ -102,6 +102,8 @@ def test_fit_refuses_mixed_or_missing_sources():
         fit(None, tokenizer, ["w4"], count_good_words)
     with pytest.raises(ValueError, match="`reward_fn` must be a callable"):
         fit(base, tokenizer, ["w4"])
+    with pytest.raises(ValueError, match=r"wrap an API URL in CompletionsEndpoint\(url\)"):
+        fit("http://127.0.0.1:8000/v1", tokenizer, ["w4"], count_good_words)
 
 
 def test_other_given_samples_are_refused_in_the_same_output_dir(tmp_path):

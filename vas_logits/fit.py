@@ -37,6 +37,7 @@ from .value_model import WEIGHTS_NAME, ValueModel
 
 logger = logging.getLogger(__name__)
 
+GIVEN_REWARDS = "given rewards"  # the value model's `reward` when trained on given samples
 BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
 DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap to query every step
 
@@ -119,18 +120,8 @@ def fit(
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
-    records = None
-    if samples is not None:
-        if prompts is not None or reward_fn is not None:
-            raise ValueError("Pass either `samples` (which carry their rewards) or `prompts` and `reward_fn`, not both")
-        records = read_text_samples(samples)
-        prompts = list(dict.fromkeys(record["prompt"] for record in records))
-    elif not callable(reward_fn):
-        raise ValueError(f"`reward_fn` must be a callable reward_fn(prompts, completions) -> floats, got {reward_fn!r}")
+    prompts, records = _prompts_or_records(base_model, prompts, reward_fn, samples)
     local = base_model is not None and not isinstance(base_model, CompletionsEndpoint)
-    if base_model is None and records is None:
-        raise ValueError("`base_model` is None: pass a causal LM, a CompletionsEndpoint, or `samples`")
-    prompts = _as_prompt_list(prompts)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
                      sampling_batch_size, learning_rate, eval_fraction)
     rank, world_size = _setup_distributed()
@@ -153,14 +144,14 @@ def fit(
     base_description = describe_base_model(base_model, records)
     base_name = getattr(base_model.config, "_name_or_path", None) if local else base_description.get("name")
     value_model.config.base_model = base_name or value_model.config.base_model
-    value_model.config.reward = reward_name or (_callable_name(reward_fn) if records is None else "given rewards")
+    value_model.config.reward = reward_name or (_callable_name(reward_fn) if records is None else GIVEN_REWARDS)
     value_model.config.pad_token_id = pad_token_id
 
     run = RunDirectory(output_dir) if output_dir is not None else None
     if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
         fingerprint = sampling_fingerprint(
             base_description, tokenizer, prompts,
-            reward_name or (_callable_name(reward_fn, qualified=True) if records is None else "given rewards"),
+            reward_name or (_callable_name(reward_fn, qualified=True) if records is None else GIVEN_REWARDS),
             samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
             generation_kwargs=generation_kwargs or {})
         run.check(fingerprint, overwrite_output_dir)
@@ -215,6 +206,23 @@ def _standardize(value_model: ValueModel, rewards: torch.Tensor) -> None:
         low, high = ((rewards.min().item() - mean) / std, (rewards.max().item() - mean) / std)
         value_model.set_value_range(low, high)
     logger.info("Standardised rewards: V predicts (R - %.4g) / %.4g", mean, std)
+
+
+def _prompts_or_records(base_model, prompts, reward_fn, samples) -> tuple[list[str], list[dict] | None]:
+    """The prompts, and the text samples' records when `samples` are given instead of sampling."""
+    if isinstance(base_model, (str, os.PathLike)):
+        raise ValueError(f"`base_model` must be a loaded causal LM or a CompletionsEndpoint, got the string "
+                         f"{str(base_model)!r}: load it first, or wrap an API URL in CompletionsEndpoint(url)")
+    if samples is not None:
+        if prompts is not None or reward_fn is not None:
+            raise ValueError("Pass either `samples` (which carry their rewards) or `prompts` and `reward_fn`, not both")
+        records = read_text_samples(samples)
+        return list(dict.fromkeys(record["prompt"] for record in records)), records
+    if base_model is None:
+        raise ValueError("`base_model` is None: pass a causal LM, a CompletionsEndpoint, or `samples`")
+    if not callable(reward_fn):
+        raise ValueError(f"`reward_fn` must be a callable reward_fn(prompts, completions) -> floats, got {reward_fn!r}")
+    return _as_prompt_list(prompts), None
 
 
 def _as_prompt_list(prompts) -> list[str]:
