@@ -102,6 +102,13 @@ def test_results_do_not_depend_on_concurrency_and_beta_is_per_request(served):
     assert client.betas == [0.0]
 
 
+def test_prompts_from_any_iterable_and_none_at_all(served):
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0)
+    listed = client.generate(PROMPTS, max_new_tokens=3, progress=False)
+    assert client.generate(iter(PROMPTS), max_new_tokens=3, progress=False) == listed
+    assert client.generate([], progress=False) == []
+
+
 def test_stop_strings_cut_the_text(served):
     client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 0.0)
     free = client.generate(PROMPTS[:1], max_new_tokens=6, do_sample=False, progress=False)[0]

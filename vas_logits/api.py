@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -134,7 +134,10 @@ class VASClient:
                 its `completions` hold every result, partial texts included. On Ctrl-C the decoding threads stop
                 at their next step and the KeyboardInterrupt carries the same `completions`.
         """
-        if isinstance(prompts, str) or not all(isinstance(prompt, str) and prompt for prompt in prompts):
+        if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+            raise ValueError(f"`prompts` must be a list of non-empty strings, got {prompts!r:.100}")
+        prompts = list(prompts)
+        if not all(isinstance(prompt, str) and prompt for prompt in prompts):
             raise ValueError(f"`prompts` must be a list of non-empty strings, got {prompts!r:.100}")
         _positive_int("max_new_tokens", max_new_tokens)
         if do_sample and not (temperature > 0 and math.isfinite(temperature)):
@@ -146,6 +149,8 @@ class VASClient:
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=float(temperature),
                        stops=stops, betas=betas)
 
+        if not prompts:
+            return []
         results = [APICompletion(prompt, "", "interrupted", 0) for prompt in prompts]
         cancelled = threading.Event()
         bar = tqdm(total=len(prompts), desc="VAS via API", unit="prompt", disable=not progress)
