@@ -74,7 +74,8 @@ class TextValuer:
         Raises:
             ValueError: A prefix + candidate that tokenises to no token at all.
         """
-        candidate_ids = [self.tokenize(prefix + candidate) for candidate in candidates]  # k lists
+        texts = [prefix + candidate for candidate in candidates]
+        candidate_ids = self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"] if texts else []
         if not candidate_ids or min(len(ids) for ids in candidate_ids) == 0:
             raise ValueError(f"Cannot value an empty text: prefix {prefix[-40:]!r}, candidates {list(candidates)!r:.200}")
         # Tokens every candidate shares, leaving each at least its last token: its value is read there.
