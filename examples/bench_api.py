@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from common import NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
+from common import EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
 from llama_server import serve, smollm2_gguf
 
 from vas_logits import CompletionsEndpoint, VASClient
@@ -73,6 +74,7 @@ def main():
     parser.add_argument("--beta", type=float, default=2.0)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=str(EXAMPLES / "results" / "api_concurrency.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -80,10 +82,12 @@ def main():
     model, tokenizer = load_smollm2()
     value_model = train_or_load(model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment")
     prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
-    print(f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; "
-          f"llama-cpp-python server (1 thread), torch {args.threads} thread(s)")
-    print("| latency added | concurrency | tokens/s | ms per token per prompt | vs concurrency 1 |")
-    print("|---|---|---|---|---|")
+    lines = [f"`python examples/bench_api.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}):",
+             f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; "
+             f"llama-cpp-python server (1 thread), torch {args.threads} thread(s).", "",
+             "| latency added | concurrency | tokens/s | ms per token per prompt | vs concurrency 1 |",
+             "|---|---|---|---|---|"]
+    print("\n".join(lines))
     with serve(smollm2_gguf()) as base_url:
         root = base_url[: -len("/v1")]
         for latency_ms in args.latency_ms:
@@ -99,10 +103,13 @@ def main():
                 steps = sum(result.num_steps for result in results)
                 rate = steps / seconds
                 first = first or rate
-                print(f"| {latency_ms:g} ms | {concurrency} | {rate:.1f} | {1000 * concurrency / rate:.0f} | "
-                      f"{rate / first:.2f}× |", flush=True)
+                lines.append(f"| {latency_ms:g} ms | {concurrency} | {rate:.1f} | {1000 * concurrency / rate:.0f} | "
+                             f"{rate / first:.2f}× |")
+                print(lines[-1], flush=True)
             if proxy:
                 proxy.close()
+    with open(args.output, "w") as file:
+        file.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
