@@ -24,6 +24,7 @@ class FakeEndpoint:
         requests: The JSON bodies received, in order.
         misbehave: None, or a function (request number, body) -> (status, body bytes) | None overriding answers.
         delay: Seconds to wait before answering.
+        max_in_flight: The most requests the server was answering at once.
     """
 
     def __init__(self, model, tokenizer):
@@ -31,6 +32,7 @@ class FakeEndpoint:
         self.requests: list[dict] = []
         self.misbehave = None
         self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         endpoint = self
 
@@ -46,12 +48,18 @@ class FakeEndpoint:
                 with endpoint._lock:
                     endpoint.requests.append(body)
                     number = len(endpoint.requests)
-                time.sleep(endpoint.delay)
-                override = endpoint.misbehave(number, body) if endpoint.misbehave else None
-                if override is not None:
-                    self._send(*override)
-                else:
-                    self._send(200, json.dumps(endpoint.answer(body)).encode())
+                    endpoint.in_flight += 1
+                    endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
+                try:
+                    time.sleep(endpoint.delay)
+                    override = endpoint.misbehave(number, body) if endpoint.misbehave else None
+                    if override is not None:
+                        self._send(*override)
+                    else:
+                        self._send(200, json.dumps(endpoint.answer(body)).encode())
+                finally:
+                    with endpoint._lock:
+                        endpoint.in_flight -= 1
 
             def _send(self, status, payload):
                 self.send_response(status)

@@ -102,6 +102,14 @@ def test_results_do_not_depend_on_concurrency_and_beta_is_per_request(served):
     assert client.betas == [0.0]
 
 
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_concurrency_is_the_number_of_requests_in_flight(served, concurrency):
+    served.delay = 0.05  # long enough for the threads' requests to overlap
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, concurrency=concurrency)
+    client.generate(PROMPTS * 2, max_new_tokens=3, progress=False)
+    assert served.max_in_flight == concurrency
+
+
 def test_prompts_from_any_iterable_and_none_at_all(served):
     client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0)
     listed = client.generate(PROMPTS, max_new_tokens=3, progress=False)
