@@ -146,3 +146,28 @@ def test_fit_samples_through_an_endpoint(tmp_path):
     assert trained.config.base_model == "tiny"
     fingerprint = json.loads((tmp_path / "sampling.json").read_text())
     assert fingerprint["base_model"] == {"name": "tiny", "endpoint": served.url}
+
+
+def test_an_endpoint_failure_keeps_earlier_batches_and_a_rerun_samples_only_the_rest(tmp_path):
+    pytest.importorskip("openai")
+    from vas_logits import EndpointError
+
+    from .fake_endpoint import FakeEndpoint
+
+    tokenizer = word_tokenizer()
+    served = FakeEndpoint(tiny_causal_lm("llama"), tokenizer)
+    prompts = random_prompts(6)
+    options = dict(FIT_OPTIONS, epochs=1, max_new_tokens=3, output_dir=tmp_path)  # 2 prompts per batch
+    try:
+        endpoint = CompletionsEndpoint(served.url, timeout=10, max_retries=0, concurrency=1)
+        served.misbehave = lambda number, body: (503, b"{}") if number > 4 else None  # fails in the 2nd batch
+        with pytest.raises(EndpointError, match=r"/completions \(prompt \d\): sampling failed.*HTTP 503"):
+            fit(endpoint, tokenizer, prompts, count_good_words,
+                ValueModel.from_backbone(tiny_causal_lm("llama"), num_layers=1), **options)
+        assert len(stored(tmp_path)) == 4  # the first batch: 2 prompts × 2 samples
+        served.misbehave, served.requests[:] = None, []
+        fit(endpoint, tokenizer, prompts, count_good_words,
+            ValueModel.from_backbone(tiny_causal_lm("llama"), num_layers=1), **options)
+    finally:
+        served.close()
+    assert len(served.requests) == 4 * 2 and len(stored(tmp_path)) == 12
