@@ -117,9 +117,10 @@ class CompletionsEndpoint:
         context = f"{self.base_url}/completions ({where})" if where else f"{self.base_url}/completions"
         for attempt in range(1 + EOS_RETRIES):
             try:
+                reseed = {"seed": attempt} if attempt else {}  # a retry: let the server sample another token
                 response = self.client.completions.create(
                     model=self.model, prompt=text, max_tokens=1, logprobs=top_k, temperature=temperature,
-                    seed=attempt or None, extra_body=self.next_token_body or None)
+                    extra_body=self.next_token_body or None, **reseed)
             except Exception as error:
                 raise EndpointError(f"{context}: request failed: {_describe(error)}") from error
             if not _stopped_without_logprobs(response):
