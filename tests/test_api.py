@@ -329,3 +329,11 @@ def test_ctrl_c_stops_every_prompt_and_keeps_what_was_generated(served, monkeypa
     assert results[0].num_steps == 3 and len(results[0].text.split()) == 3
     assert results[0].finish_reason == "interrupted"
     assert all(r.num_steps == 0 and r.text == "" for r in results[1:])
+
+
+def test_requests_carry_no_null_fields(served):
+    """Optional fields are left out rather than sent as null, which strict servers refuse."""
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0)
+    client.generate(["w4"], max_new_tokens=2, progress=False)
+    CompletionsEndpoint(served.url).sample("w4", n=1, max_tokens=2)
+    assert served.requests and all(None not in body.values() for body in served.requests), served.requests

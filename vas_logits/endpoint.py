@@ -166,9 +166,10 @@ class CompletionsEndpoint:
         completions: list[EndpointCompletion] = []
         while len(completions) < n:
             try:
+                stops = {"stop": list(stop)} if stop else {}  # no field at all rather than null
                 response = self.client.completions.create(
                     model=self.model, prompt=prompt, n=n - len(completions), max_tokens=max_tokens,
-                    temperature=temperature, stop=list(stop) if stop else None, extra_body=extra_body or None)
+                    temperature=temperature, extra_body=extra_body or None, **stops)
                 choices = [EndpointCompletion(choice.text, choice.finish_reason) for choice in response.choices]
             except Exception as error:
                 raise EndpointError(f"{context}: sampling failed: {_describe(error)}") from error
