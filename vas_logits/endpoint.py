@@ -55,9 +55,10 @@ class CompletionsEndpoint:
             many at once unless told otherwise. A server that handles one request at a time and keeps one prompt
             cache (llama-cpp-python) is fastest at 1; batching servers (vLLM, TGI, llama.cpp `-np`) gain from more.
         next_token_body: Extra JSON fields of every next-token request. Default `{"min_tokens": 1}`: a server that
-            samples EOS for the one token asked stops before reporting any log-probability (llama-cpp-python,
-            vLLM), and `min_tokens` keeps it from sampling EOS without changing the reported log-probabilities.
-            Pass `{}` for servers that refuse the field (OpenAI's own API).
+            samples EOS for the one token asked may stop before reporting any log-probability (llama-cpp-python
+            does), and `min_tokens` (accepted by llama-cpp-python and vLLM) keeps it from sampling its EOS token;
+            llama-cpp-python's reported log-probabilities are unchanged by it (tested). Pass `{}` for servers
+            that refuse the field (OpenAI's own API).
         client: An `openai.OpenAI` client to use instead of building one (its own settings then apply).
 
     Example:
@@ -129,7 +130,7 @@ class CompletionsEndpoint:
             raise EndpointError(
                 f"{context}: the server sampled an end-of-sequence token and stopped before reporting "
                 f"log-probabilities, {1 + EOS_RETRIES} times in a row (next_token_body: {self.next_token_body}; "
-                "min_tokens=1 keeps llama-cpp-python and vLLM from sampling their main EOS token, not every one)"
+                "min_tokens=1 bans a server's main EOS token, not every end-of-sequence token)"
             )
         try:
             top = response.choices[0].logprobs.top_logprobs[0]
@@ -181,7 +182,7 @@ class CompletionsEndpoint:
 
 def _stopped_without_logprobs(response) -> bool:
     """The server sampled an end-of-sequence token for the one token asked and reported nothing (llama-cpp-python
-    and vLLM stop before recording an EOS token's log-probabilities)."""
+    stops before recording an EOS token's log-probabilities)."""
     try:
         choice = response.choices[0]
         return choice.finish_reason == "stop" and not (choice.logprobs and choice.logprobs.top_logprobs)
