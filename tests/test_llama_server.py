@@ -122,3 +122,14 @@ def test_fit_on_samples_drawn_through_the_server(base_url, tokenizer, tmp_path):
     assert value_model.config.base_model == endpoint.model
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 6
+
+
+def test_min_tokens_leaves_the_reported_logprobs_unchanged(base_url):
+    """The default next_token_body={"min_tokens": 1} bans EOS from the server's own sample only."""
+    prompt = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"  # EOS among the top 20, not first
+    plain = CompletionsEndpoint(base_url, next_token_body={}).top_logprobs(prompt, top_k=20, temperature=0.0)
+    guarded = CompletionsEndpoint(base_url).top_logprobs(prompt, top_k=20, temperature=0.0)
+    assert "" in plain and max(plain, key=plain.get) != ""
+    assert guarded.keys() == plain.keys()
+    for piece, logprob in plain.items():
+        assert guarded[piece] == pytest.approx(logprob, abs=1e-5)
