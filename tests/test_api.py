@@ -104,7 +104,7 @@ def test_results_do_not_depend_on_concurrency_and_beta_is_per_request(served):
 
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrency_is_the_number_of_requests_in_flight(served, concurrency):
-    served.delay = 0.05  # long enough for the threads' requests to overlap
+    served.delay = 0.1  # long enough for the threads' requests to overlap
     client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, concurrency=concurrency)
     client.generate(PROMPTS * 2, max_new_tokens=3, progress=False)
     assert served.max_in_flight == concurrency
