@@ -172,11 +172,10 @@ class VASClient:
                 future.result()  # re-raises anything but EndpointError (a bug, a failing value model)
         except BaseException as error:
             cancelled.set()
-            pool.shutdown(wait=True, cancel_futures=True)
             error.completions = results
             raise
         finally:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         failed = [result for result in results if result.finish_reason == "error"]
         if failed:
@@ -195,11 +194,11 @@ class VASClient:
         for step in range(max_new_tokens):
             if cancelled.is_set():
                 return
-            where = f"prompt {index}, step {step}"
-            top = self.endpoint.top_logprobs(prompt + result.text, self.top_k, temperature, where=where)
+            text = prompt + result.text
+            top = self.endpoint.top_logprobs(text, self.top_k, temperature, where=f"prompt {index}, step {step}")
             pieces = list(top)
             logits = torch.tensor([top[piece] for piece in pieces], dtype=torch.float32)  # (k,)
-            logits += self._adjustment(valuers, prompt + result.text, pieces, betas)
+            logits += self._adjustment(valuers, text, pieces, betas)
             if do_sample:
                 choice = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
             else:

@@ -117,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lam", type=float, default=_fit_default("lam"),
                           help="TD(lambda) trace parameter: 1 = Monte-Carlo returns, lower bootstraps")
     training.add_argument("--gamma", type=float, default=_fit_default("gamma"),
-                          help="discount per token (must be 1 for --head "
-                                                                    "distributional)")
+                          help="discount per token (must be 1 for --head distributional)")
     training.add_argument("--eval-fraction", type=float, default=_fit_default("eval_fraction"),
                           help="share of prompts held out to measure the value model each epoch")
     training.add_argument("--no-standardize", action="store_true",

@@ -90,6 +90,10 @@ class CompletionsEndpoint:
     def __repr__(self) -> str:
         return f"CompletionsEndpoint({self.base_url!r}, model={self._model!r})"
 
+    def _context(self, where: str) -> str:
+        """How errors name the request: the URL, and e.g. "prompt 3, step 17"."""
+        return f"{self.base_url}/completions ({where})" if where else f"{self.base_url}/completions"
+
     @property
     def model(self) -> str:
         """The served model's name (asked once from `GET /models` when not given)."""
@@ -115,7 +119,7 @@ class CompletionsEndpoint:
                 them (the server's cap, or distinct tokens with the same text merged into one key), or
                 non-numeric ones. The message names the endpoint and `where` (e.g. "prompt 3, step 17").
         """
-        context = f"{self.base_url}/completions ({where})" if where else f"{self.base_url}/completions"
+        context = self._context(where)
         for attempt in range(1 + EOS_RETRIES):
             try:
                 reseed = {"seed": attempt} if attempt else {}  # a retry: let the server sample another token
@@ -163,7 +167,7 @@ class CompletionsEndpoint:
         Raises:
             EndpointError: A request failed or its answer has no usable choices.
         """
-        context = f"{self.base_url}/completions ({where})" if where else f"{self.base_url}/completions"
+        context = self._context(where)
         completions: list[EndpointCompletion] = []
         while len(completions) < n:
             try:

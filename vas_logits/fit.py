@@ -144,14 +144,14 @@ def fit(
     base_description = describe_base_model(base_model, records)
     base_name = getattr(base_model.config, "_name_or_path", None) if local else base_description.get("name")
     value_model.config.base_model = base_name or value_model.config.base_model
-    value_model.config.reward = reward_name or (_callable_name(reward_fn) if records is None else GIVEN_REWARDS)
+    value_model.config.reward = reward_name or _reward_label(reward_fn)
     value_model.config.pad_token_id = pad_token_id
 
     run = RunDirectory(output_dir) if output_dir is not None else None
     if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
         fingerprint = sampling_fingerprint(
             base_description, tokenizer, prompts,
-            reward_name or (_callable_name(reward_fn, qualified=True) if records is None else GIVEN_REWARDS),
+            reward_name or _reward_label(reward_fn, qualified=True),
             samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
             generation_kwargs=generation_kwargs or {})
         run.check(fingerprint, overwrite_output_dir)
@@ -231,6 +231,11 @@ def _as_prompt_list(prompts) -> list[str]:
     return list(prompts)
 
 
+def _reward_label(reward_fn, qualified: bool = False) -> str:
+    """What trained the value model: the reward function's name, or GIVEN_REWARDS for given samples."""
+    return GIVEN_REWARDS if reward_fn is None else _callable_name(reward_fn, qualified)
+
+
 def _callable_name(function, qualified: bool = False) -> str:
     """A reward function's name: `module.qualname` when `qualified` (for the fingerprint), else its qualname."""
     target = function if hasattr(function, "__qualname__") else type(function)
@@ -296,6 +301,7 @@ def _sampler(base_model, tokenizer, reward_fn, records, **options):
     if records is not None:
         return lambda prompts, store, progress: given_samples(records, tokenizer, prompts, store, progress)
     if isinstance(base_model, CompletionsEndpoint):
+        options.pop("pad_token_id")  # the server pads for itself
         return lambda prompts, store, progress: endpoint_sample_and_score(
             base_model, tokenizer, prompts, reward_fn, store, progress=progress, **options)
 

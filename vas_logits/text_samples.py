@@ -104,7 +104,6 @@ def endpoint_sample_and_score(
     prompts_per_batch: int,
     generation_kwargs: dict | None = None,
     progress: bool = True,
-    **unused,
 ) -> list[Sample]:
     """Sample `samples_per_prompt` completions of each (index, text) prompt through the endpoint (a batch's
     prompts concurrently, `endpoint.concurrency` at a time), score them, store each batch."""
@@ -131,7 +130,7 @@ def endpoint_sample_and_score(
 
 
 def given_samples(records: list[dict], tokenizer, prompts: Sequence[tuple[int, str]], store: SampleStore,
-                  progress: bool = True, **unused) -> list[Sample]:
+                  progress: bool = True) -> list[Sample]:
     """The records of the given (index, text) prompts, tokenised, stored as one batch."""
     wanted = {text: index for index, text in prompts}
     new = [tokenize_text_sample(tokenizer, wanted[record["prompt"]], record["prompt"], record["completion"],

@@ -60,9 +60,6 @@ class TextValuer:
     def reset(self) -> None:
         self.cache, self.cached_ids = None, []
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]
-
     @torch.no_grad()
     def values(self, prefix: str, candidates: Sequence[str]) -> ValueModelOutput:
         """V(prefix + candidate) for each candidate text.
