@@ -149,7 +149,7 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
 
     def interrupted(self, batch):
         calls["count"] += 1
-        if calls["count"] == 3:
+        if calls["count"] == 4:  # call 1 is fit()'s dry-run step before sampling; 4 is the third training step
             raise KeyboardInterrupt
         return original(self, batch)
 
@@ -163,6 +163,49 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
     fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, keep_checkpoint=True, **FIT_OPTIONS)
     assert reward.calls == 0
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2
+
+
+def test_a_value_model_that_cannot_train_fails_before_any_sampling(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    value_model = ValueModel.from_backbone(base, num_layers=1)
+    value_model.requires_grad_(False)  # nothing to train: the backward pass fails
+    reward = CountingReward()
+    with pytest.raises(RuntimeError, match="dummy batch failed before sampling") as error:
+        fit(base, tokenizer, prompts, reward, value_model, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    assert "does not require grad" in str(error.value.__cause__)
+    assert reward.calls == 0 and not (tmp_path / "samples.jsonl").exists()
+
+
+def test_the_dry_run_step_leaves_weights_gradients_and_mode_as_they_were():
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("qwen2")
+    value_model = ValueModel.from_backbone(base, num_layers=1, head="distributional")
+    value_model.eval()
+    before = {key: tensor.clone() for key, tensor in value_model.state_dict().items()}
+    trainer = _Trainer(value_model, 1e-2, 1.0, 1.0, 1.0, PAD, 0, 1, None, False, True)
+    trainer.check_step()
+    assert not value_model.training
+    assert all(parameter.grad is None for parameter in value_model.parameters())
+    assert all(torch.equal(tensor, before[key]) for key, tensor in value_model.state_dict().items())
+
+
+def test_a_crash_after_sampling_leaves_the_samples_for_the_next_call(tmp_path, monkeypatch):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    original, crashed = _Trainer.losses, {"done": False}
+
+    def incompatible(self, batch):  # as a transformers release that breaks only the full training batches would
+        if self.model.training and len(batch.rewards) == FIT_OPTIONS["batch_size"] and not crashed["done"]:
+            crashed["done"] = True
+            raise TypeError("unexpected keyword argument 'cache'")
+        return original(self, batch)
+
+    monkeypatch.setattr(_Trainer, "losses", incompatible)
+    with pytest.raises(TypeError, match="cache"):
+        fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
+    reward = CountingReward()
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    assert reward.calls == 0  # every sample was reused
+    assert (tmp_path / "value_model" / "model.safetensors").exists()
 
 
 def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):

@@ -35,7 +35,7 @@ def test_cached_forward_equals_full_forward():
     value_model = tiny_value_model("mistral")
     full = value_model(IDS[:1]).values
     first = value_model(IDS[:1, :3], use_cache=True)
-    second = value_model(IDS[:1, 3:], past_key_values=first.past_key_values, use_cache=True)
+    second = value_model(IDS[:1, 3:], cache=first.cache, use_cache=True)
     assert torch.allclose(torch.cat([first.values, second.values], -1), full, atol=1e-5)
 
 

@@ -15,7 +15,12 @@ A model reachable only through an OpenAI-compatible API (needs `pip install "vas
 >>> client.generate(["The movie was"], max_new_tokens=32)                             # doctest: +SKIP
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0.dev0"
+
+from .compat import check_versions
+
+check_versions()  # a clear error for torch/transformers releases the package cannot work with
+
 
 from .api import APICompletion, APIGenerationError, VASClient
 from .endpoint import CompletionsEndpoint, EndpointError

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import transformers
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -166,6 +167,10 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
+    trainer = _Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
+                       run, progress, keep_best)
+    trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
+
     store = SampleStore(run.samples if run else None)
     sampler = _sampler(base_model, tokenizer, reward_fn, records, samples_per_prompt=samples_per_prompt,
                        max_new_tokens=max_new_tokens, temperature=temperature,
@@ -181,8 +186,6 @@ def fit(
     if standardize_rewards and not bool(value_model.head.weight.any()):  # a fresh head: set its units now
         _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
 
-    trainer = _Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                       run, progress, keep_best)
     trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
     value_model.eval()
     if run is not None and rank == 0:
@@ -369,14 +372,46 @@ class _Trainer:
         self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
         self.run, self.progress, self.keep_best = run, progress and rank == 0, keep_best
-        config = value_model.config
-        self.reward_mean = config.reward_mean or 0.0
-        self.reward_std = config.reward_std or 1.0
         self.best_error, self.best_state = math.inf, None  # the held-out error and weights of the best epoch
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
         self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+
+    @property
+    def reward_mean(self) -> float:  # read when used: fit() standardises the rewards after the trainer is built
+        return self.value_model.config.reward_mean or 0.0
+
+    @property
+    def reward_std(self) -> float:
+        return self.value_model.config.reward_std or 1.0
+
+    def check_step(self) -> None:
+        """One forward and backward pass of the training loss on a dummy batch, before any sampling, so that a
+        value model that cannot train, or a torch / transformers release that breaks it, costs a second rather
+        than the whole sampling run. The weights, their gradients and the train/eval mode are left as they were."""
+        vocab_size = self.value_model.backbone_config.vocab_size
+        token = 0 if self.pad_token_id != 0 or vocab_size < 2 else 1
+        dummy = [Sample(0, [token, token], [token, token, token], 0.0), Sample(1, [token], [token], 1.0)]
+        was_training = self.value_model.training
+        saved_grads = [parameter.grad for parameter in self.value_model.parameters()]
+        model, self.model = self.model, self.value_model  # not through DDP: no collective for a dry run
+        self.value_model.train()
+        try:
+            loss = self.losses(_collate(dummy, self.pad_token_id, self.device))[0]
+            loss.backward()
+            if not bool(torch.isfinite(loss)):
+                raise ValueError(f"a training step on a dummy batch gave a non-finite loss ({loss.item()})")
+        except Exception as error:
+            raise RuntimeError(
+                f"The value model cannot be trained: one forward/backward pass on a dummy batch failed before "
+                f"sampling (torch {torch.__version__}, transformers {transformers.__version__}): {error}"
+            ) from error
+        finally:
+            self.model = model
+            for parameter, grad in zip(self.value_model.parameters(), saved_grads):
+                parameter.grad = grad
+            self.value_model.train(was_training)
 
     def losses(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss to the TD(lambda) targets: 0.5 · masked MSE (scalar head) or masked cross-entropy

@@ -241,7 +241,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
                     input_ids=step_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                 )
                 # (B, k): beta · Q(s, a) for each candidate a (the soft Q of a distributional head), used before

@@ -94,7 +94,7 @@ class TextValuer:
             input_ids=torch.tensor([step_ids], device=device),
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         self.cache.crop(-sum(len(block) for block in blocks))  # drop the candidate blocks, keep the shared tokens

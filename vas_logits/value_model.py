@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel, PretrainedConfig
 from transformers.utils import ModelOutput
+
+from .compat import backbone_forward
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +162,20 @@ class ValueModelOutput(ModelOutput):
             head's mean).
         logits: (batch, seq, num_atoms) float32, the distributional head's logits over the atoms (None for the
             scalar head).
-        past_key_values: The backbone's transformers Cache when `use_cache=True`.
+        cache: The backbone's transformers Cache when `use_cache=True`.
     """
 
     values: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Any = None
+    # Named `cache`, as transformers >= 5.24 names it: from 5.24 on, a ModelOutput field called
+    # `past_key_values` cannot be set (its constructor keyword is rewritten to `cache`).
+    cache: Any = None
+
+    @property
+    def past_key_values(self) -> Any:
+        """Deprecated name of `cache` (vas_logits < 0.4)."""
+        warnings.warn("`ValueModelOutput.past_key_values` is deprecated: read `.cache`", FutureWarning, stacklevel=2)
+        return self.cache
 
 
 def _backbone_config_from_dict(values: dict[str, Any]) -> PretrainedConfig:
@@ -275,8 +286,9 @@ class ValueModel(nn.Module):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
+        past_key_values: Any = None,
     ) -> ValueModelOutput:
         """Values of every prefix of `input_ids`.
 
@@ -286,8 +298,9 @@ class ValueModel(nn.Module):
                 (batch, 1, seq, past + seq) used as given, or a dict of such masks per layer type.
             position_ids: (batch, seq). With a 2-D mask and none given, counted from each row's first real
                 token (`mask.cumsum(-1) - 1`), as `generate()` does for left-padded batches.
-            past_key_values: A transformers Cache holding the earlier tokens.
+            cache: A transformers Cache holding the earlier tokens.
             use_cache: Whether to return the (updated) cache.
+            past_key_values: Deprecated name of `cache` (transformers' own before 5.24).
 
         Returns:
             ValueModelOutput with `values` (batch, seq) float32, and `logits` (batch, seq, num_atoms) for the
@@ -295,18 +308,23 @@ class ValueModel(nn.Module):
         """
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
-        outputs = self.backbone(
+        if past_key_values is not None:
+            if cache is not None:
+                raise ValueError("Pass the cache as `cache` only, not both `cache` and `past_key_values`")
+            warnings.warn("`past_key_values=` is deprecated: pass `cache=`", FutureWarning, stacklevel=2)
+            cache = past_key_values
+        outputs, cache = backbone_forward(
+            self.backbone,
+            cache,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
         )
         head = self.head(outputs.last_hidden_state).float()  # (B, T, 1) or (B, T, A)
         logits = head if self.distributional else None
         values = head.softmax(-1) @ self.atoms if self.distributional else head.squeeze(-1)  # (B, T)
-        cache = outputs.past_key_values if use_cache else None
-        return ValueModelOutput(values=values, logits=logits, past_key_values=cache)
+        return ValueModelOutput(values=values, logits=logits, cache=cache)
 
     def beta_times_q(self, output: ValueModelOutput, beta: float, last: int) -> torch.Tensor:
         """beta · Q for the last `last` positions of `output`, (batch, last) float32.
