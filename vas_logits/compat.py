@@ -25,7 +25,7 @@ from packaging.version import Version
 logger = logging.getLogger(__name__)
 
 # Oldest releases the test suite runs on in CI (keep setup.cfg's install_requires in step).
-MIN_TRANSFORMERS = "5.4.0"
+MIN_TRANSFORMERS = "5.6.0"
 MIN_TORCH = "2.6.0"
 # First releases we have never run on: may work, so a warning rather than an error.
 NEXT_MAJOR_TRANSFORMERS = "6.0.0"

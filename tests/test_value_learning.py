@@ -1,0 +1,65 @@
+"""examples/bench_value_learning.py: its exact Q is exact, and fit() keeps learning what it can learn there."""
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import bench_value_learning as bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setting():
+    base = bench.bigram_base(seed=0)
+    return base, bench.word_tokenizer(), bench.transition_matrix(base), bench.make_tasks(seed=0)
+
+
+def brute_force_q(transition, task, prefix, candidate, new_tokens):
+    """E[R | completion starts with prefix + [candidate]], summing over every continuation."""
+    remaining = new_tokens - len(prefix) - 1
+    total = 0.0
+    for rest in itertools.product(bench.WORDS, repeat=remaining):
+        completion = [*prefix, candidate, *rest]
+        probability, previous = 1.0, candidate
+        for token in rest:
+            probability *= float(transition[previous, token])
+            previous = token
+        total += probability * task.rewards([completion])[0]
+    return total
+
+
+@pytest.mark.parametrize("task_name", ["count", "lexicon", "temporal"])
+@pytest.mark.parametrize("generated", [0, 1, 2])
+def test_exact_q_equals_the_sum_over_every_continuation(setting, task_name, generated):
+    base, tokenizer, transition, tasks = setting
+    task, new_tokens = tasks[task_name], 3
+    prompt = tokenizer(["w5 w60 w7 w33"], return_tensors="pt")["input_ids"]
+    prefix = [12, 50][:generated]
+    input_ids = torch.cat([prompt, torch.tensor([prefix], dtype=torch.long)], dim=1)
+    processor = bench.ExactQ(transition, task, prompt.shape[1], new_tokens, beta=1.0)
+    candidates = torch.tensor([[11, 40, 95]])
+    q = processor.q_values(input_ids, candidates)[0]
+    for value, candidate in zip(q.tolist(), candidates[0].tolist()):
+        assert value == pytest.approx(brute_force_q(transition, task, prefix, candidate, new_tokens), abs=1e-9)
+
+
+def test_the_base_is_context_free_and_every_completion_has_the_full_length(setting):
+    base, tokenizer, transition, tasks = setting
+    assert torch.allclose(transition.sum(-1), torch.ones(bench.VOCAB_SIZE, dtype=torch.float64))
+    point = bench.measure(base, tokenizer, transition, tasks["count"], bench.random_prompts(4, seed=3), None,
+                          new_tokens=5, samples_per_prompt=2, seed=0)
+    assert abs(point["kl"]) < 1e-6  # the base against itself: the KL estimator reads 0
+
+
+def test_the_exact_processor_raises_the_reward_and_its_kl_grows_with_beta(setting):
+    base, tokenizer, transition, tasks = setting
+    prompts = bench.random_prompts(16, seed=4)
+    prompt_length = len(tokenizer(prompts[0])["input_ids"])
+    points = [bench.measure(base, tokenizer, transition, tasks["lexicon"], prompts,
+                            bench.ExactQ(transition, tasks["lexicon"], prompt_length, 6, beta) if beta else None,
+                            new_tokens=6, samples_per_prompt=4, seed=0) for beta in (0, 1, 4)]
+    assert points[0]["reward"] < points[1]["reward"] < points[2]["reward"]
+    assert points[0]["kl"] < points[1]["kl"] < points[2]["kl"]
