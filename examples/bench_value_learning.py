@@ -7,8 +7,9 @@ value Q(s, a) = E_{pi_ref}[R | s∘a] of any reward below is exact by dynamic pr
 
     count     R = number of completion words in a set of 12 "good" words (as tests/helpers.count_good_words)
     lexicon   R = sum of per-word weights: 48 words, each with its own weight in ±[0.25, 2] (as VADER or AFINN)
-    temporal  R = 1 if the first and the last completion word fall in the same of 3 classes (id mod 3), else 0:
-              credit across time, no single word is good or bad
+    temporal  R = number of "payoff" words (8 ids) that come after a "setup" word (8 other ids): a setup word
+              earns nothing itself and a payoff word nothing before one, so the early choice gets its credit
+              only from a later one (prompts never hold either kind, so the value model can tell them apart)
 
 For each task: the exact-Q processor (the VAS closed form with the exact Q, the ceiling) and fit()'s value
 model, each over a sweep of beta, both with outside_top_k="keep" and the same k; reward and KL measured on the
@@ -42,7 +43,9 @@ VOCAB_SIZE = 96
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL = [PAD, BOS, EOS, UNK]
 WORDS = list(range(4, VOCAB_SIZE))  # ids of the words w4 .. w95
-NUM_CLASSES = 3  # temporal task: classes id mod 3
+SETUP = list(range(30, 38))  # temporal task: the early choice
+PAYOFF = list(range(40, 48))  # temporal task: the late one, worth 1 each after a setup word
+PROMPT_WORDS = [i for i in WORDS if i not in SETUP + PAYOFF]
 
 
 # ---------------------------------------------------------------------- the base, the tokenizer, the tasks
@@ -102,7 +105,14 @@ class Task:
     def rewards(self, completions: list[list[int]]) -> list[float]:
         if self.word_weights is not None:
             return [float(self.word_weights[ids].sum()) if ids else 0.0 for ids in completions]
-        return [float(ids[0] % NUM_CLASSES == ids[-1] % NUM_CLASSES) if ids else 0.0 for ids in completions]
+        rewards = []
+        for ids in completions:
+            set_up, reward = False, 0.0
+            for token in ids:
+                reward += float(set_up and token in PAYOFF)
+                set_up = set_up or token in SETUP
+            rewards.append(reward)
+        return rewards
 
     def reward_fn(self):
         """reward_fn(prompts, completions) on text, as fit() calls it."""
@@ -141,17 +151,24 @@ class ExactQ(LogitsProcessor):
                  top_k: int = 10, outside_top_k: str = "keep"):
         self.task, self.prompt_length, self.new_tokens = task, prompt_length, new_tokens
         self.beta, self.top_k, self.outside_top_k = beta, top_k, outside_top_k
-        # powers[n] = P^n: where the chain is n steps on
-        self.powers = [torch.eye(VOCAB_SIZE, dtype=torch.float64)]
-        for _ in range(new_tokens):
-            self.powers.append(self.powers[-1] @ transition)
         if task.word_weights is not None:
             # future[n][x]: expected sum of weights over the n tokens after x
             self.future = [torch.zeros(VOCAB_SIZE, dtype=torch.float64)]
             for _ in range(new_tokens):
                 self.future.append(transition @ (task.word_weights + self.future[-1]))
-        self.class_of = torch.arange(VOCAB_SIZE) % NUM_CLASSES
-        self.class_onehot = torch.nn.functional.one_hot(self.class_of, NUM_CLASSES).double()  # (V, C)
+            return
+        # temporal: future[n][x, u]: expected reward of the n tokens after x, u = 1 once a setup word was seen
+        self.is_setup = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+        self.is_setup[SETUP] = True
+        self.is_payoff = torch.zeros(VOCAB_SIZE, dtype=torch.float64)
+        self.is_payoff[PAYOFF] = 1.0
+        self.future = [torch.zeros(VOCAB_SIZE, 2, dtype=torch.float64)]
+        for _ in range(new_tokens):
+            previous = self.future[-1]
+            # token y in state u earns u · payoff(y); the state is then 1 if u = 1 or y is a setup word
+            value_after = torch.stack([previous[:, 0].where(~self.is_setup, previous[:, 1]),
+                                       self.is_payoff + previous[:, 1]], -1)  # (y, u)
+            self.future.append(transition @ value_after)
 
     def q_values(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B, k) float64 exact Q of each candidate as completion token t (t tokens generated so far)."""
@@ -161,10 +178,11 @@ class ExactQ(LogitsProcessor):
         if self.task.word_weights is not None:
             so_far = self.task.word_weights[completion].sum(-1, keepdim=True) if t else 0.0  # (B, 1)
             return so_far + self.task.word_weights[candidates] + self.future[remaining][candidates]
-        first_class = self.class_of[candidates] if t == 0 else self.class_of[completion[:, :1]].expand_as(candidates)
-        # P(class of the last token == first_class | candidate); the candidate itself is last when remaining = 0
-        last_class_probabilities = self.powers[remaining][candidates] @ self.class_onehot  # (B, k, C)
-        return last_class_probabilities.gather(-1, first_class[..., None]).squeeze(-1)
+        so_far = torch.tensor(self.task.rewards(completion.tolist()), dtype=torch.float64)[:, None]  # (B, 1)
+        set_up = self.is_setup[completion].any(-1, keepdim=True) if t else torch.zeros(len(completion), 1, dtype=bool)
+        state = (set_up | self.is_setup[candidates]).long()  # (B, k) after the candidate
+        earned = set_up.double() * self.is_payoff[candidates]  # the candidate's own reward
+        return so_far + earned + self.future[remaining][candidates, state]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         top_k = min(self.top_k, scores.shape[-1])
@@ -180,7 +198,8 @@ class ExactQ(LogitsProcessor):
 
 def random_prompts(count: int, seed: int, words: int = 4) -> list[str]:
     generator = torch.Generator().manual_seed(seed)
-    return [" ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB_SIZE, (words,), generator=generator))
+    choices = torch.tensor(PROMPT_WORDS)
+    return [" ".join(f"w{int(i)}" for i in choices[torch.randint(len(choices), (words,), generator=generator)])
             for _ in range(count)]
 
 
@@ -234,7 +253,7 @@ def headline(fitted: list[dict], min_kl: float = 0.5) -> dict | None:
 
 
 def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_options: dict) -> dict:
-    train = random_prompts(args.prompts * budget, seed=100)
+    train = random_prompts(round(args.prompts * budget), seed=100)
     unseen = random_prompts(args.eval_prompts, seed=200)
     prompt_length = len(tokenizer(unseen[0])["input_ids"])
     common = dict(new_tokens=args.new_tokens, samples_per_prompt=args.eval_samples, seed=args.seed)

@@ -37,10 +37,10 @@ def test_exact_q_equals_the_sum_over_every_continuation(setting, task_name, gene
     base, tokenizer, transition, tasks = setting
     task, new_tokens = tasks[task_name], 3
     prompt = tokenizer(["w5 w60 w7 w33"], return_tensors="pt")["input_ids"]
-    prefix = [12, 50][:generated]
+    prefix = [32, 50][:generated]  # a setup word first: the temporal reward's both states are reached
     input_ids = torch.cat([prompt, torch.tensor([prefix], dtype=torch.long)], dim=1)
     processor = bench.ExactQ(transition, task, prompt.shape[1], new_tokens, beta=1.0)
-    candidates = torch.tensor([[11, 40, 95]])
+    candidates = torch.tensor([[11, 40, 95, 33]])
     q = processor.q_values(input_ids, candidates)[0]
     for value, candidate in zip(q.tolist(), candidates[0].tolist()):
         assert value == pytest.approx(brute_force_q(transition, task, prefix, candidate, new_tokens), abs=1e-9)
@@ -63,3 +63,24 @@ def test_the_exact_processor_raises_the_reward_and_its_kl_grows_with_beta(settin
                             new_tokens=6, samples_per_prompt=4, seed=0) for beta in (0, 1, 4)]
     assert points[0]["reward"] < points[1]["reward"] < points[2]["reward"]
     assert points[0]["kl"] < points[1]["kl"] < points[2]["kl"]
+
+
+def small_yardstick(task_name, budget=1.0, prompts=128):
+    import argparse
+
+    args = argparse.Namespace(prompts=prompts, eval_prompts=32, eval_samples=8, new_tokens=8, top_k=10,
+                              exact_betas=[0.5, 1, 2, 4, 8], fit_betas=[1, 2, 4], min_kl=0.5, seed=0)
+    base = bench.bigram_base(seed=0)
+    return bench.run_task(bench.make_tasks(seed=0)[task_name], args, base, bench.word_tokenizer(),
+                          bench.transition_matrix(base), budget, fit_options={})
+
+
+@pytest.mark.parametrize("task_name", ["count", "lexicon"])
+def test_fit_at_its_defaults_captures_most_of_the_exact_gain(task_name):
+    """fit() with no tuned options on 512 samples: measured 0.91 (count) and 0.85 (lexicon) of the exact-Q
+    gain at equal KL (1.0-1.7 nats); with the old fixed learning rate of 5e-5, KL stays below 0.1 nats."""
+    torch.set_num_threads(1)
+    result = small_yardstick(task_name)
+    best = result["headline"]
+    assert best is not None, result["fitted"]  # some beta <= 4 moves the policy at least 0.5 nats
+    assert best["ratio"] >= 0.7, best

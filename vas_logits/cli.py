@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
                           help="completions per optimisation step")
     training.add_argument("--learning-rate", type=float, default=_fit_default("learning_rate"),
-                          help="AdamW learning rate")
+                          help="AdamW learning rate (default: 0.03 / the value model's hidden size)")
     training.add_argument("--lam", type=float, default=_fit_default("lam"),
                           help="TD(lambda) trace parameter: 1 = Monte-Carlo returns, lower bootstraps")
     training.add_argument("--gamma", type=float, default=_fit_default("gamma"),

@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 GIVEN_REWARDS = "given rewards"  # the value model's `reward` when trained on given samples
 BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
 DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap to query every step
+# Default AdamW learning rate = this / the value model's hidden size. Adam moves every weight by about lr per
+# step, so a layer's output moves by about lr × fan-in: keeping that fixed across widths (as muP does) needs
+# lr ∝ 1 / width. 0.03 gives 5.2e-5 for SmolLM2's 576 (what its sentiment job was tuned at) and 9.4e-4 for
+# the 32-wide models of examples/bench_value_learning.py, where 5e-5 left the value model untrained.
+LEARNING_RATE_TIMES_WIDTH = 0.03
 
 
 def fit(
@@ -59,7 +64,7 @@ def fit(
     epochs: int = 3,
     batch_size: int = 16,
     sampling_batch_size: int = 64,
-    learning_rate: float = 5e-5,
+    learning_rate: float | None = None,
     output_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -98,8 +103,8 @@ def fit(
         batch_size: Completions per optimisation step (and per process under DDP).
         sampling_batch_size: Completions per generate() call while sampling. Larger batches sample faster;
             sampling is most of fit()'s time for small value models.
-        learning_rate: AdamW learning rate (5e-5 suits the default 4-layer cut of a small base; the paper used
-            about 1e-5 for a 1B value model).
+        learning_rate: AdamW learning rate. Default: 0.03 / the value model's hidden size (5.2e-5 for a
+            576-wide SmolLM2 cut, 1.5e-5 for a 2048-wide 1B model; the paper used about 1e-5 at 1B).
         output_dir: Where samples, checkpoints and the final model (`value_model/`) go; enables resuming. Its
             stored samples are reused only if the prompts, reward, base model, tokenizer and sampling settings
             are the same (recorded in `sampling.json`); otherwise fit() stops with the differences.
@@ -136,6 +141,8 @@ def fit(
         num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
         value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
     _check_vocabulary(value_model, base_model if local else None, tokenizer)
+    if learning_rate is None:
+        learning_rate = LEARNING_RATE_TIMES_WIDTH / value_model.backbone_config.get_text_config().hidden_size
     if value_model.distributional and gamma != 1:
         raise ValueError(
             f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {gamma!r}"
@@ -265,7 +272,7 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
         raise ValueError(f"`lam` must be in [0, 1], got {lam!r}")
     if not 0 <= gamma <= 1:
         raise ValueError(f"`gamma` must be in [0, 1], got {gamma!r}")
-    if not learning_rate > 0:
+    if learning_rate is not None and not learning_rate > 0:
         raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}")
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
