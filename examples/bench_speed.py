@@ -58,13 +58,16 @@ class RecomputeVAS(LogitsProcessor):
         return out.scatter_(-1, candidates, candidate_scores + self.beta * values)
 
 
-def build_models(preset: dict):
+def build_models(preset: dict, head: str = "scalar"):
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**preset["base"], attn_implementation="sdpa")).to(
         device=preset["device"], dtype=preset["dtype"]).eval()
-    value_model = ValueModel.from_backbone(LlamaConfig(**preset["value"]), dtype=preset["dtype"]).to(preset["device"])
+    value_model = ValueModel.from_backbone(LlamaConfig(**preset["value"]), dtype=preset["dtype"],
+                                           head=head).to(preset["device"])
     with torch.no_grad():
         value_model.head.weight.normal_(0, 0.02)
+        if value_model.token_head:
+            value_model.token_bias.normal_(0, 0.02)
     return base, value_model
 
 
@@ -101,6 +104,8 @@ def main():
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-recompute", action="store_true", help="leave out the naive recompute contrast")
+    parser.add_argument("--head", choices=["scalar", "token"], default="scalar",
+                        help="the value model's head: scalar (V(s∘a), 1 + k positions per step) or token (Q(s, ·), 1)")
     parser.add_argument("--compiled", action="store_true",
                         help="also time the base with cache_implementation='static' (compiled by generate()) "
                              "against the same with VAS(compile=True)")
@@ -114,7 +119,9 @@ def main():
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("The gpu preset needs CUDA")
 
-    base, value_model = build_models(preset)
+    base, value_model = build_models(preset, args.head)
+    if value_model.token_head:
+        args.skip_recompute = True  # the naive recompute contrast forwards prefix∘a: a V(s∘a) model's
     base_parameters = sum(p.numel() for p in base.parameters())
     value_parameters = sum(p.numel() for p in value_model.parameters())
     # Matmul weights: the embedding lookup costs no FLOPs (the base's tied embedding is its LM head matmul).
@@ -125,8 +132,10 @@ def main():
     print(f"# base {base_parameters / 1e6:.0f}M parameters, value model {value_parameters / 1e6:.0f}M; "
           f"prompt {preset['prompt_length']} tokens, {preset['new_tokens']} new tokens, sampling, k={args.top_k}, "
           f"median of {preset['repeats']}")
-    # Per generated token the base runs one position; VAS's value model runs 1 + k positions.
-    flop_ratio = 1 + value_matmul * (1 + args.top_k) / base_parameters
+    # Per generated token the base runs one position; VAS's value model runs 1 + k positions (token head: 1).
+    positions = 1 if value_model.token_head else 1 + args.top_k
+    flop_ratio = 1 + value_matmul * positions / base_parameters
+    print(f"# value model head: {args.head}")
     print(f"# FLOP ratio of a VAS step to a plain step (weights only): {flop_ratio:.2f}x")
     print("| batch | plain tok/s | VAS tok/s | VAS / plain | recompute / plain | peak GiB plain / VAS |")
     print("|---|---|---|---|---|---|")

@@ -263,8 +263,12 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
                                        **common)) for beta in args.exact_betas]
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    value_model = fit(base, tokenizer, train, task.reward_fn(), max_new_tokens=args.new_tokens, seed=args.seed,
-                      progress=False, **fit_options)
+    value_model = None
+    if getattr(args, "head", "scalar") != "scalar" or getattr(args, "value_layers", None):
+        layers = getattr(args, "value_layers", None) or min(4, base.config.num_hidden_layers)
+        value_model = ValueModel.from_backbone(base, num_layers=layers, head=args.head)
+    value_model = fit(base, tokenizer, train, task.reward_fn(), value_model, max_new_tokens=args.new_tokens,
+                      seed=args.seed, progress=False, **fit_options)
     fit_seconds = time.perf_counter() - started
     # fit() standardises rewards: the model's beta is per reward std, the exact one per reward unit
     fitted = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
@@ -308,6 +312,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fit", default="{}", help='fit() options as JSON, e.g. \'{"epochs": 10}\' (default: none)')
+    parser.add_argument("--head", default="scalar", choices=["scalar", "distributional", "token"],
+                        help="the value model's head (default: fit()'s own, scalar)")
     parser.add_argument("--label", default="fit() defaults")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="value_learning")

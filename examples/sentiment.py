@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--beta", type=float, default=2.0, help="per standard deviation of the reward")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--head", choices=["scalar", "distributional"], default="scalar")
+    parser.add_argument("--head", choices=["scalar", "distributional", "token"], default="scalar")
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=3)

@@ -58,6 +58,8 @@ def tiny_value_model(architecture: str, seed: int = 1, dtype=torch.float32, **me
     with torch.no_grad():
         value_model.head.weight.normal_(0, 1.0)
         value_model.head.bias.normal_(0, 1.0)
+        if value_model.token_head:
+            value_model.token_bias.normal_(0, 1.0)
     return value_model.eval()
 
 
@@ -91,6 +93,11 @@ def naive_vas(value_models, betas, input_ids, scores, top_k, pad_token_id=PAD, o
         adjustment = torch.zeros(top_k)
         for value_model, beta in zip(value_models, betas):
             device = value_model.device
+            if value_model.config.head == "token":  # Q(s, a) of every candidate from the prefix alone
+                output = value_model(ids[None].to(device), next_tokens=candidates[row][None, None].to(device))
+                adjustment += (beta * (output.values[0, -1].double().cpu() - output.values[0, -1].double().mean()
+                                       .cpu())).float()
+                continue
             sequences = torch.cat([ids.repeat(top_k, 1), candidates[row][:, None]], dim=-1).to(device)
             output = value_model(sequences)
             if value_model.config.head == "distributional":  # the soft value (1/beta) log E_p[exp(beta z)]

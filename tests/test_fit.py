@@ -403,3 +403,30 @@ def test_two_processes_on_gloo(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
     assert all(torch.equal(ranks[0][key], value) for key, value in value_model.state_dict().items())
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_token_head_loss_trains_q_of_each_taken_token_toward_the_next_states_target(lam):
+    """Q(s_t, a_t) is the value of s_{t+1}: TD(lambda) over s_1 .. s_T (s_T, after the last token, toward R)."""
+    from vas_logits.fit import _collate
+    from vas_logits.sampling import Sample
+
+    value_model = ValueModel.from_backbone(tiny_config("llama"), head="token")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in value_model.parameters():
+            parameter.normal_(0, 0.3)
+    samples = [Sample(0, [1, 5, 6], [7, 8, 2], 1.5), Sample(1, [1, 9], [10], -0.5)]
+    trainer = _Trainer(value_model, 1e-3, 1.0, 1.0, lam, PAD, 0, 1, None, False, True)
+    loss = trainer.losses(_collate(samples, PAD, value_model.device))[0]
+    squared, count = 0.0, 0
+    for sample in samples:
+        ids = torch.tensor([sample.prompt_ids + sample.completion_ids])
+        q_all = value_model(ids).values[0]  # (L, V)
+        start = len(sample.prompt_ids) - 1
+        # values of s_1 .. s_T: Q at the end of s_t of the token taken next
+        values = [q_all[start + t, sample.completion_ids[t]].item() for t in range(len(sample.completion_ids))]
+        targets = hand_written_targets([0.0] + values, sample.reward, len(values), 1.0, lam)[1:]
+        squared += sum((v - g) ** 2 for v, g in zip(values, targets))
+        count += len(values)
+    assert loss.item() == pytest.approx(0.5 * squared / count, rel=1e-5)

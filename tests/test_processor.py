@@ -317,3 +317,57 @@ def test_value_model_in_training_mode_warns_once(caplog):
     assert sum("training mode" in record.message for record in caplog.records) == 1
     assert math.isfinite(float(processor.betas[0]))
     assert isinstance(processor.value_models[0], ValueModel)
+
+
+# ---------------------------------------------------------------------- the token head: Q(s, ·) from s alone
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_token_head_sampling_left_padded_matches_reference(architecture, cache_implementation):
+    base, value_model = tiny_causal_lm(architecture), tiny_value_model(architecture, head="token")
+    processor = VAS(value_model, beta=2.0, top_k=5, cache_implementation=cache_implementation)
+    _, before, after = generate_with_spies(base, processor, max_new_tokens=12)
+    assert_matches_reference(before, after, [value_model], [2.0], top_k=5)
+    # one forward position per step: the cache holds the ids and nothing else
+    assert processor.cached_length == PROMPTS.shape[1] + 11
+    length = processor._caches[0].length if cache_implementation == "static" else processor._caches[0].get_seq_length()
+    assert length == PROMPTS.shape[1] + 11
+
+
+def test_token_head_beam_search_and_a_scalar_model_beside_it_match_reference():
+    base = tiny_causal_lm("llama")
+    token, scalar = tiny_value_model("llama", head="token"), tiny_value_model("llama", seed=3)
+    processor = VAS([token, scalar], beta=[1.0, 0.5], top_k=6)
+    _, before, after = generate_with_spies(base, processor, do_sample=False, num_beams=3, num_return_sequences=2)
+    assert_matches_reference(before, after, [token, scalar], [1.0, 0.5], top_k=6)
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_token_head_assisted_decoding_rollbacks_match_reference(cache_implementation):
+    base, assistant = tiny_causal_lm("llama"), tiny_causal_lm("llama", seed=5)
+    value_model = tiny_value_model("llama", head="token")
+    processor = VAS(value_model, beta=1.0, top_k=5, cache_implementation=cache_implementation)
+    _, before, after = generate_with_spies(base, processor, prompts=PROMPTS[1:2], assistant_model=assistant,
+                                           do_sample=False, max_new_tokens=12)
+    assert_matches_reference(before, after, [value_model], [1.0], top_k=5)
+
+
+def test_token_head_called_twice_on_the_same_ids_recomputes_the_last_state():
+    value_model = tiny_value_model("llama", head="token")
+    processor = VAS(value_model, beta=1.0, top_k=4)
+    ids, scores = torch.tensor([[BOS, 4, 5]]), torch.randn(1, VOCAB_SIZE)
+    first = processor(ids, scores)
+    assert torch.allclose(processor(ids, scores), first, atol=1e-5)  # the cache re-fed its last id, no error
+    assert torch.allclose(first, naive_vas([value_model], [1.0], ids, scores, 4), atol=1e-5)
+
+
+def test_token_head_values_every_token_and_next_tokens_pick_from_them():
+    value_model = tiny_value_model("gpt2", head="token")
+    ids = torch.tensor([[BOS, 7, 8, 9]])
+    every = value_model(ids).values  # (1, 4, V)
+    assert every.shape == (1, 4, VOCAB_SIZE)
+    picked = value_model(ids, next_tokens=torch.tensor([[[3, 50]] * 4])).values  # (1, 4, 2)
+    assert torch.allclose(picked, every[..., [3, 50]], atol=1e-5)
+    with pytest.raises(ValueError, match="`next_tokens` is for the token head"):
+        tiny_value_model("gpt2")(ids, next_tokens=torch.tensor([[[3]] * 4]))

@@ -70,12 +70,13 @@ def test_static_cache_grows_past_its_capacity():
     assert processor._caches[0].capacity == 2 * CAPACITY_STEP
 
 
-def test_compiled_step_matches_reference_without_graph_breaks_or_recompiling():
+@pytest.mark.parametrize("head", ["scalar", "token"])
+def test_compiled_step_matches_reference_without_graph_breaks_or_recompiling(head):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    base, value_model = tiny_causal_lm("llama"), tiny_value_model("llama")
+    base, value_model = tiny_causal_lm("llama"), tiny_value_model("llama", head=head)
     processor = VAS(value_model, beta=2.0, top_k=5, compile=True)
     _, before, after = generate_with_spies(base, processor, max_new_tokens=8)
     assert_matches_reference(before, after, [value_model], [2.0], top_k=5)

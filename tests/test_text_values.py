@@ -63,3 +63,8 @@ def test_empty_text_is_a_clear_error():
     valuer = TextValuer(tiny_value_model("llama"), bpe_tokenizer(), add_special_tokens=False)
     with pytest.raises(ValueError, match="empty text"):
         valuer.values("", ["", "xyz"])  # "xyz" is out of the tiny tokenizer's alphabet: no tokens
+
+
+def test_a_token_head_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="token head"):
+        TextValuer(tiny_value_model("llama", head="token"), word_tokenizer())

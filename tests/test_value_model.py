@@ -82,8 +82,9 @@ def test_from_backbone_rejects_other_sources():
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_save_load_round_trip_is_exact(tmp_path, architecture):
-    value_model = tiny_value_model(architecture)
+@pytest.mark.parametrize("head", ["scalar", "token"])
+def test_save_load_round_trip_is_exact(tmp_path, architecture, head):
+    value_model = tiny_value_model(architecture, head=head)
     value_model.config.reward = "sentiment"
     value_model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
@@ -219,3 +220,16 @@ def test_config_validation():
         ValueModelConfig(backbone_config={"hidden_size": 4})
     with pytest.raises(ValueError, match="`head`"):
         ValueModelConfig(backbone_config={"model_type": "llama"}, head="vector")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_token_head_starts_at_zero_and_reads_the_backbone_embeddings(architecture):
+    base = tiny_causal_lm(architecture)
+    value_model = ValueModel.from_backbone(base, num_layers=1, head="token")
+    assert value_model.head.weight.shape == (32, 32) and value_model.token_bias.shape == (VOCAB_SIZE,)
+    every = value_model(IDS[:1]).values
+    assert every.shape == (1, IDS.shape[1], VOCAB_SIZE) and not every.any()  # Q = 0: decoding unchanged
+    with torch.no_grad():
+        value_model.head.bias.normal_()
+    expected = value_model.head.bias @ base.get_input_embeddings().weight.T  # h-independent part: c · e_a
+    assert torch.allclose(value_model(IDS[:1]).values[0, 0], expected, atol=1e-5)

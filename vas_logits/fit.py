@@ -425,9 +425,24 @@ class _Trainer:
         (distributional head). Also returns the state values (B, S), the rewards in the model's units (B,) and
         the state mask (B, S)."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        rewards = (batch.rewards - self.reward_mean) / self.reward_std
+        if self.value_model.token_head:
+            # Q(s_t, a_t) of the token taken at each state is the value of the next state s_{t+1}: the same TD
+            # targets over states s_1 .. s_T (s_0, valued by no taken token, is a dummy that no target uses)
+            next_ids = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)  # (B, L): id after each
+            with autocast:
+                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    next_tokens=next_ids[..., None])  # (B, L, 1)
+            taken_at = batch.state_positions[:, :-1]  # (B, S - 1): where s_t ends, t < T
+            q_taken = output.values[..., 0].float().gather(1, taken_at)  # (B, S - 1) = V(s_1) .. V(s_T)
+            state_values = torch.cat([torch.zeros_like(q_taken[:, :1]), q_taken], dim=1)  # (B, S)
+            mask = state_mask(batch.lengths, state_values.shape[1])
+            mask[:, 0] = False
+            targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
+            loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
+            return loss, state_values, rewards, mask
         with autocast:
             output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        rewards = (batch.rewards - self.reward_mean) / self.reward_std
         state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
         mask = state_mask(batch.lengths, state_values.shape[1])
         if self.value_model.distributional:

@@ -11,7 +11,9 @@ How it stays cheap: each value model keeps its own transformers DynamicCache who
 columns of `input_ids`. A step feeds only the tokens appended since the last step followed by the k
 candidates, in ONE forward per value model; a 4-D attention mask lets each candidate see the prefix and
 itself only (siblings at the same position), after which the k candidate entries are cropped from the
-cache. The cache thus grows by one token per step, never by k. With `cache_implementation="static"` the
+cache. The cache thus grows by one token per step, never by k. A token-head value model (value_model.py)
+values every candidate from the prefix's own last hidden state, so its step feeds the new tokens alone
+(1 position instead of 1 + k) and crops nothing. With `cache_implementation="static"` the
 same columns live in fixed-address buffers (static_cache.py), so the step can be compiled (`compile=True`).
 
 A processor sees neither the attention mask nor generate()'s cache, so everything is inferred from
@@ -70,7 +72,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
 
     Adds Σ_i beta_i · (Q_i(a) − mean_K Q_i) to the scores of the `top_k` best tokens a ∈ K, where
     Q_i(a) = V_i(prefix∘a) (for a distributional value model, the soft value (1/beta_i) log E[exp(beta_i z)]
-    of its predicted reward distribution); the other tokens get −inf (`outside_top_k="mask"`) or keep their
+    of its predicted reward distribution; for a token head, its Q_i(prefix, a)); the other tokens get −inf (`outside_top_k="mask"`) or keep their
     score ("keep").
     It runs before generate()'s temperature and top-p warpers, so a temperature T divides beta too.
 
@@ -154,6 +156,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         self.cache_implementation = cache_implementation
         self.compile = bool(compile)
         self._layouts = [attention_layout(value_model) for value_model in self.value_models]
+        self._token_heads = [value_model.token_head for value_model in self.value_models]
         bos = self.value_models[0].backbone_config.bos_token_id
         self._bos_token_id = bos if isinstance(bos, int) else None
         self._compiled: list | None = None  # the compiled value models, built on the first decoding step
@@ -226,28 +229,40 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         candidate_scores, candidates = scores.topk(top_k, dim=-1)  # (B, k) each
         stream = self._stream()
         stream.consistent = False  # until every forward below has succeeded
-        new_start = stream.sync(input_ids, room=top_k)
+        new_start = stream.sync(input_ids, room=top_k, recompute_last=any(self._token_heads))
         static = self.cache_implementation == "static"
         key_width = stream.caches[0].capacity if static else None  # static: every slot, stale ones masked
-        masks, position_ids = stream.step_masks(new_start, top_k, self._layouts, key_width)
-        step_ids = torch.cat([input_ids[:, new_start:], candidates], dim=-1)  # (B, n + k)
-        compiled = self.compile and step_ids.shape[1] == 1 + top_k  # the steady decoding step: fixed shapes
+        new_ids = input_ids[:, new_start:]  # (B, n)
+        # Two kinds of step: V(s∘a) models forward the k candidates as siblings after the new ids; token-head
+        # models forward the new ids alone and value the candidates from the last hidden state.
+        steps = {}
+        for token_head in set(self._token_heads):
+            siblings = 0 if token_head else top_k
+            masks, position_ids = stream.step_masks(new_start, siblings, self._layouts, key_width)
+            step_ids = new_ids if token_head else torch.cat([new_ids, candidates], dim=-1)  # (B, n [+ k])
+            steps[token_head] = (masks, position_ids, step_ids)
+        next_tokens = candidates[:, None, :].expand(-1, new_ids.shape[1], -1)  # (B, n, k) for token heads
+        compiled = self.compile and new_ids.shape[1] == 1  # the steady decoding step: fixed shapes
         with self._compile_lock if compiled else contextlib.nullcontext():
             models = self._compiled_models(scores.device) if compiled else self.value_models
             adjustment = torch.zeros_like(candidate_scores, dtype=torch.float32)  # (B, k)
-            for model, value_model, beta, cache, attention_mask in zip(models, self.value_models, self.betas,
-                                                                       stream.caches, masks):
+            for index, (model, value_model, beta, cache) in enumerate(zip(models, self.value_models, self.betas,
+                                                                          stream.caches)):
+                token_head = self._token_heads[index]
+                masks, position_ids, step_ids = steps[token_head]
                 output = model(
                     input_ids=step_ids,
-                    attention_mask=attention_mask,
+                    attention_mask=masks[index],
                     position_ids=position_ids,
                     cache=cache,
                     use_cache=True,
+                    **({"next_tokens": next_tokens} if token_head else {}),
                 )
                 # (B, k): beta · Q(s, a) for each candidate a (the soft Q of a distributional head), used before
                 # the next forward runs
                 scaled = value_model.beta_times_q(output, beta, top_k)
-                cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
+                if not token_head:
+                    cache.crop(-top_k)  # the candidates were only siblings: keep the prefix, drop them
                 adjustment += scaled - scaled.mean(dim=-1, keepdim=True)
         if not bool(torch.isfinite(adjustment).all()):
             raise ValueError(

@@ -59,12 +59,14 @@ class DecodingStream:
 
     # ------------------------------------------------------------------ syncing with input_ids
 
-    def sync(self, input_ids: torch.LongTensor, room: int) -> int:
+    def sync(self, input_ids: torch.LongTensor, room: int, recompute_last: bool = False) -> int:
         """Bring the caches in line with `input_ids`; returns the first column they do not hold yet.
 
         Args:
             input_ids: (B, T) this step's ids.
             room: Slots needed past the ids (the candidates), for static buffers.
+            recompute_last: Leave at least the last column uncached (a token head reads its hidden state,
+                which is not kept between calls, so ids already cached in full are re-fed from the last one).
         """
         batch_size, length = input_ids.shape
         cached = self.cached_length
@@ -75,6 +77,11 @@ class DecodingStream:
             keep = cached
         else:
             keep = self._reorder_or_crop(input_ids)
+        if recompute_last and keep == length:  # the same ids twice (assisted decoding): re-feed the last one
+            for cache in self.caches:
+                cache.crop(-1)
+            keep -= 1
+            self.key_is_real, self.positions = self.key_is_real[:, :keep], self.positions[:, :keep]
         self._append_columns(input_ids, keep)
         if self.cache_implementation == "static":
             for cache in self.caches:

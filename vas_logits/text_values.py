@@ -50,6 +50,11 @@ class TextValuer:
     """
 
     def __init__(self, value_model: ValueModel, tokenizer, *, add_special_tokens: bool = True):
+        if value_model.token_head:
+            raise ValueError(
+                "`value_model` has a token head (Q of the value model's own next tokens), but the API mode values "
+                "text pieces that its tokenizer may split or merge: use a scalar or distributional head here"
+            )
         self.value_model = value_model
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens

@@ -4,12 +4,17 @@ V(s) estimates the expected final reward of the frozen base model's continuation
 (Han et al., "Value Augmented Sampling for Language Model Alignment and Personalization",
 arXiv 2405.06639). Decoding queries Q(s, a) = V(s∘a) for the base model's top-k candidates a.
 
-Two heads:
+Three heads:
     scalar           V(s) = E[R | s], one number (the paper's value model)
     distributional   p(z_j | s) over fixed reward atoms z_1 < ... < z_A (a categorical return distribution,
                      as in C51 and Q-sharp, Zhou et al. 2025). The processor then uses the soft value
                      Q_beta = (1/beta) log E_p[exp(beta z)], which the KL-regularised optimum calls for; its
                      beta -> 0 limit is the mean. One forward serves every beta, so beta stays a per-request dial.
+    token            Q(s, a) for every next token a at once, read from the hidden state h_s at s (as Q-sharp,
+                     Zhou et al. 2025): Q(s, a) = (W h_s + c) · e_a + b_a, with e_a the backbone's own token
+                     embedding of a (SmolLM2 and other tied models: their LM head), W, c, b zero at the start.
+                     Decoding then forwards only the new token per step (1 position, not 1 + k siblings), and
+                     tokens that share embedding directions share what was learned about them.
 Rewards may be standardised (config.reward_mean / reward_std): values are then in standard deviations of the
 training rewards, so one beta means the same pull whatever the reward's scale.
 
@@ -46,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-HEAD_TYPES = ("scalar", "distributional")
+HEAD_TYPES = ("scalar", "distributional", "token")
 
 
 def _library_version() -> str:
@@ -62,9 +67,10 @@ class ValueModelConfig:
     Args:
         backbone_config: The backbone's transformers config as a dict (`PretrainedConfig.to_dict()`); its
             `model_type` picks the architecture.
-        head: "scalar" (`nn.Linear(hidden, 1)`: the expected reward) or "distributional" (`nn.Linear(hidden,
+        head: "scalar" (`nn.Linear(hidden, 1)`: the expected reward), "distributional" (`nn.Linear(hidden,
             num_atoms)`: a categorical distribution of the reward over `num_atoms` atoms spread evenly over
-            `value_range`).
+            `value_range`) or "token" (Q(s, a) of every next token a from the state s: `nn.Linear(hidden,
+            hidden)` against the backbone's token embeddings, plus a per-token bias).
         num_atoms: Atoms of the distributional head.
         value_range: (lowest, highest) atom of the distributional head, in the value's units (fit() sets it
             from the training rewards).
@@ -159,7 +165,8 @@ class ValueModelOutput(ModelOutput):
 
     Args:
         values: (batch, seq) float32, the value of the prefix ending at each position (the distributional
-            head's mean).
+            head's mean); for the token head (batch, seq, m): Q(prefix, a) of the m `next_tokens` a at each
+            position, or (batch, seq, vocab) of every token when none were given.
         logits: (batch, seq, num_atoms) float32, the distributional head's logits over the atoms (None for the
             scalar head).
         cache: The backbone's transformers Cache when `use_cache=True`.
@@ -253,13 +260,23 @@ class ValueModel(nn.Module):
         self.backbone = _build_backbone(backbone_config, dtype)
         hidden_size = self.backbone.config.hidden_size
         outputs = config.num_atoms if self.distributional else 1
-        self.head = nn.Linear(hidden_size, outputs, dtype=self.backbone.dtype)
+        if config.head == "token":
+            # Q(s, a) = head(h_s) · e_a + token_bias[a], e_a the backbone's input embedding of a
+            self.head = nn.Linear(hidden_size, hidden_size, dtype=self.backbone.dtype)
+            self.token_bias = nn.Parameter(torch.zeros(self.backbone.config.vocab_size, dtype=self.backbone.dtype))
+        else:
+            self.head = nn.Linear(hidden_size, outputs, dtype=self.backbone.dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     @property
     def distributional(self) -> bool:
         return self.config.head == "distributional"
+
+    @property
+    def token_head(self) -> bool:
+        """Whether one forward at s values every next token (head "token") rather than s∘a being forwarded."""
+        return self.config.head == "token"
 
     @property
     def atoms(self) -> torch.Tensor:
@@ -289,8 +306,9 @@ class ValueModel(nn.Module):
         cache: Any = None,
         use_cache: bool = False,
         past_key_values: Any = None,
+        next_tokens: torch.LongTensor | None = None,
     ) -> ValueModelOutput:
-        """Values of every prefix of `input_ids`.
+        """Values of every prefix of `input_ids` (token head: Q of next tokens after every prefix).
 
         Args:
             input_ids: (batch, seq) token ids.
@@ -301,11 +319,15 @@ class ValueModel(nn.Module):
             cache: A transformers Cache holding the earlier tokens.
             use_cache: Whether to return the (updated) cache.
             past_key_values: Deprecated name of `cache` (transformers' own before 5.24).
+            next_tokens: Token head only: (batch, seq, m) ids a whose Q(prefix, a) to return at each position
+                (default: every token of the vocabulary).
 
         Returns:
-            ValueModelOutput with `values` (batch, seq) float32, and `logits` (batch, seq, num_atoms) for the
-            distributional head.
+            ValueModelOutput with `values` (batch, seq) float32 ((batch, seq, m) for the token head), and `logits`
+            (batch, seq, num_atoms) for the distributional head.
         """
+        if next_tokens is not None and not self.token_head:
+            raise ValueError(f"`next_tokens` is for the token head; this value model's head is {self.config.head!r}")
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         if past_key_values is not None:
@@ -321,17 +343,31 @@ class ValueModel(nn.Module):
             position_ids=position_ids,
             use_cache=use_cache,
         )
+        if self.token_head:
+            return ValueModelOutput(values=self._token_values(outputs.last_hidden_state, next_tokens), cache=cache)
         head = self.head(outputs.last_hidden_state).float()  # (B, T, 1) or (B, T, A)
         logits = head if self.distributional else None
         values = head.softmax(-1) @ self.atoms if self.distributional else head.squeeze(-1)  # (B, T)
         return ValueModelOutput(values=values, logits=logits, cache=cache)
 
+    def _token_values(self, hidden: torch.Tensor, next_tokens: torch.LongTensor | None) -> torch.Tensor:
+        """Token head: (B, T, m) Q(s_t, a) = head(h_t) · e_a + b_a for next_tokens (B, T, m), or (B, T, V)."""
+        query = self.head(hidden)  # (B, T, H)
+        embeddings = self.backbone.get_input_embeddings().weight  # (V, H)
+        if next_tokens is None:
+            return (query @ embeddings.T + self.token_bias).float()
+        chosen = embeddings[next_tokens]  # (B, T, m, H)
+        return ((chosen @ query[..., None]).squeeze(-1) + self.token_bias[next_tokens]).float()
+
     def beta_times_q(self, output: ValueModelOutput, beta: float, last: int) -> torch.Tensor:
         """beta · Q for the last `last` positions of `output`, (batch, last) float32.
 
+        Token head: the forward valued `last` next tokens at its last position; beta times those.
         Scalar head: beta · V. Distributional head: beta times the soft value (1/beta) log Σ_j p_j exp(beta z_j),
         i.e. log Σ_j p_j exp(beta z_j), computed stably as a logsumexp (0 at beta = 0, where Q is the mean).
         """
+        if self.token_head:
+            return beta * output.values[:, -1, -last:]
         if not self.distributional:
             return beta * output.values[:, -last:]
         log_probs = output.logits[:, -last:].log_softmax(-1)  # (B, last, A)
