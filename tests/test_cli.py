@@ -72,7 +72,8 @@ def test_vas_fit_on_given_samples_and_through_an_endpoint(tmp_path, monkeypatch)
     main(["--samples", "samples.jsonl", "--output", "given", *common])
     value_model = ValueModel.from_pretrained(tmp_path / "given" / "value_model")
     assert value_model.config.reward == "given rewards"
-    assert len((tmp_path / "given" / "samples.jsonl").read_text().splitlines()) == 12
+    assert not (tmp_path / "given" / "samples.jsonl").exists()  # given samples are re-read, never copied
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12  # the user's file, untouched
 
     pytest.importorskip("openai")
     from .fake_endpoint import FakeEndpoint

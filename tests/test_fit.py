@@ -430,3 +430,15 @@ def test_token_head_loss_trains_q_of_each_taken_token_toward_the_next_states_tar
         squared += sum((v - g) ** 2 for v, g in zip(values, targets))
         count += len(values)
     assert loss.item() == pytest.approx(0.5 * squared / count, rel=1e-5)
+
+
+def test_rewards_that_overflow_float32_are_refused_before_they_are_stored(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(4)
+
+    def huge(prompts, completions):
+        return [1e39 if index == 1 else 0.0 for index in range(len(completions))]
+
+    with pytest.raises(RuntimeError, match="sampling batch 0") as error:
+        fit(base, tokenizer, prompts, huge, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    assert "beyond float32's range" in str(error.value.__cause__) and "(1, 1e+39)" in str(error.value.__cause__)
+    assert not (tmp_path / "samples.jsonl").exists() or not (tmp_path / "samples.jsonl").read_text()

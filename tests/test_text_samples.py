@@ -49,8 +49,10 @@ def test_given_text_samples_train_exactly_as_the_same_samples_drawn_in_process(t
     torch.manual_seed(0)
     given = fit(None, tokenizer, samples=source, value_model=ValueModel.from_backbone(base, num_layers=1),
                 output_dir=tmp_path / "given", **options)
-    drop_index = [{key: value for key, value in sample.items()} for sample in stored(tmp_path / "local")]
-    assert stored(tmp_path / "given") == drop_index
+    retokenised = [tokenize_text_sample(tokenizer, prompts.index(r["prompt"]), r["prompt"], r["completion"], r["reward"],
+                                        r["finish_reason"]).__dict__ for r in records]
+    assert retokenised == stored(tmp_path / "local")
+    assert not (tmp_path / "given" / "samples.jsonl").exists()  # given samples are re-read, never copied
     for name, parameter in local.state_dict().items():
         torch.testing.assert_close(given.state_dict()[name], parameter, msg=name)
     assert given.config.reward == "given rewards"
@@ -171,3 +173,41 @@ def test_an_endpoint_failure_keeps_earlier_batches_and_a_rerun_samples_only_the_
     finally:
         served.close()
     assert len(served.requests) == 4 * 2 and len(stored(tmp_path)) == 12
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_samples_file_inside_output_dir_is_refused_and_left_untouched(tmp_path, overwrite):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    user_file = tmp_path / "samples.jsonl"  # the name fit() uses for its own store
+    user_file.write_text(json.dumps({"prompt": "w4 w5", "completion": " w6", "reward": 1.0}) + "\n")
+    before = user_file.read_bytes()
+    with pytest.raises(ValueError, match="Your file is left as it is: move it out of output_dir"):
+        fit(None, tokenizer, samples=user_file, value_model=ValueModel.from_backbone(base, num_layers=1),
+            output_dir=tmp_path, overwrite_output_dir=overwrite, **FIT_OPTIONS)
+    assert user_file.read_bytes() == before
+
+
+def test_numpy_rewards_are_numbers_and_overflowing_or_empty_records_are_named():
+    numpy = pytest.importorskip("numpy")
+    tokenizer = word_tokenizer()
+    records = read_text_samples([{"prompt": "w4", "completion": " w5", "reward": numpy.float32(0.5)},
+                                 {"prompt": "w6", "completion": " w7", "reward": numpy.int64(2)}])
+    assert [record["reward"] for record in records] == [0.5, 2.0]
+    with pytest.raises(ValueError, match=r"samples\[1\] has reward 1e\+39; expected a finite number within float32"):
+        read_text_samples([{"prompt": "w4", "completion": " w5", "reward": 0.0},
+                           {"prompt": "w6", "completion": " w7", "reward": 1e39}])
+    with pytest.raises(ValueError, match=r"completion '' of prompt 3 .*finish_reason 'length'"):
+        tokenize_text_sample(tokenizer, 3, "w4 w5", "", 1.0, "length")
+    assert tokenize_text_sample(tokenizer, 3, "w4 w5", "", 1.0, "stop").completion_ids == [EOS]  # EOS is a token
+
+
+def test_an_empty_cut_completion_fails_before_training_naming_its_prompt(tmp_path):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    records = [{"prompt": "w4 w5", "completion": " w6", "reward": 1.0},
+               {"prompt": "w8", "completion": "", "reward": 0.0, "finish_reason": "length"}]
+    with pytest.raises(ValueError, match=r"prompt 1 \('w8'\)"):
+        fit(None, tokenizer, samples=records, value_model=ValueModel.from_backbone(base, num_layers=1),
+            output_dir=tmp_path / "run", **FIT_OPTIONS)
+    records[1]["completion"] = " w9"  # the user mends the record: the same output_dir takes it
+    fit(None, tokenizer, samples=records, value_model=ValueModel.from_backbone(base, num_layers=1),
+        output_dir=tmp_path / "run", **FIT_OPTIONS)

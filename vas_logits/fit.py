@@ -156,6 +156,8 @@ def fit(
     value_model.config.pad_token_id = pad_token_id
 
     run = RunDirectory(output_dir) if output_dir is not None else None
+    if run is not None and isinstance(samples, (str, os.PathLike)):
+        run.check_not_inside(samples)  # the user's own file is never fit()'s to rewrite or delete
     if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
         fingerprint = sampling_fingerprint(
             base_description, tokenizer, prompts,
@@ -178,7 +180,9 @@ def fit(
                        run, progress, keep_best)
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
 
-    store = SampleStore(run.samples if run else None)
+    # Given samples are re-read from the user's own records at every call (tokenising is quick), never copied
+    # into output_dir, so no half-written copy can be trained on.
+    store = SampleStore(run.samples if run and records is None else None)
     sampler = _sampler(base_model, tokenizer, reward_fn, records, samples_per_prompt=samples_per_prompt,
                        max_new_tokens=max_new_tokens, temperature=temperature,
                        prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),

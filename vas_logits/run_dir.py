@@ -83,12 +83,12 @@ class RunDirectory:
 
     def check(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Refuse stored samples made otherwise (unless `overwrite`); read-only, so every process can run it."""
-        if overwrite or not self._has_samples():
+        if overwrite or not self._has_previous_run():
             return
         fingerprint_file = self.path / FINGERPRINT_NAME
         if not fingerprint_file.exists():
             raise ValueError(
-                f"`output_dir` {self.path} holds samples without a record of what produced them ({FINGERPRINT_NAME}, "
+                f"`output_dir` {self.path} holds samples or a model without a record of what produced them ({FINGERPRINT_NAME}, "
                 "written since vas_logits 0.2): use a new output_dir, or overwrite_output_dir=True to start over"
             )
         stored = json.loads(fingerprint_file.read_text())
@@ -99,6 +99,16 @@ class RunDirectory:
                 f"`output_dir` {self.path} holds samples made with other settings ("
                 + "; ".join(differences)
                 + "). Use a new output_dir, or overwrite_output_dir=True to delete them and start over"
+            )
+
+    def check_not_inside(self, user_file: str | os.PathLike) -> None:
+        """Refuse a user's file that is one of the files fit() itself writes or deletes in this directory."""
+        own = {self.samples, self.path / FINGERPRINT_NAME}
+        if Path(user_file).resolve() in {path.resolve() for path in own}:
+            raise ValueError(
+                f"`samples` {str(user_file)!r} is a file fit() keeps for itself in `output_dir` {str(self.path)!r}, "
+                "which it may rewrite or delete. Your file is left as it is: move it out of output_dir (or rename "
+                "it), or pick another output_dir"
             )
 
     def prepare(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
@@ -120,6 +130,11 @@ class RunDirectory:
 
     def _has_samples(self) -> bool:
         return self.samples.exists() and self.samples.stat().st_size > 0
+
+    def _has_previous_run(self) -> bool:
+        """Samples, a checkpoint or a final model of an earlier call (given samples leave no samples file)."""
+        return (self._has_samples() or (self.checkpoint / COMPLETE_MARKER).exists()
+                or (self._partial / COMPLETE_MARKER).exists() or (self.final / "config.json").exists())
 
     # ------------------------------------------------------------------ checkpoints
 

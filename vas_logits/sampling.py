@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are trained in float32: larger ones overflow
 
 
 @dataclass
@@ -92,9 +93,11 @@ def check_rewards(rewards, expected: int, batch_index: int) -> list[float]:
         raise ValueError(f"reward_fn must return a list of floats, got {type(rewards).__name__}: {error}") from error
     if len(rewards) != expected:
         raise ValueError(f"reward_fn returned {len(rewards)} rewards for {expected} completions (batch {batch_index})")
-    bad = [reward for reward in rewards if not math.isfinite(reward)]
+    bad = [(index, reward) for index, reward in enumerate(rewards) if not abs(reward) < FLOAT32_MAX]
     if bad:
-        raise ValueError(f"reward_fn returned non-finite rewards {bad[:5]} (batch {batch_index})")
+        raise ValueError(f"reward_fn returned non-finite rewards or rewards beyond float32's range (|reward| < "
+                         f"{FLOAT32_MAX:.3g}), which would train a NaN value model: (completion, reward) "
+                         f"{bad[:5]} of batch {batch_index}")
     return rewards
 
 

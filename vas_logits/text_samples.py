@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .endpoint import CompletionsEndpoint
-from .sampling import RewardFn, Sample, SampleStore, score_batch
+from .sampling import FLOAT32_MAX, RewardFn, Sample, SampleStore, score_batch
 from .text_values import common_prefix_length
 
 FINISH_REASONS = ("stop", "length")
@@ -70,8 +71,9 @@ def _check_record(record, name: str) -> dict:
         raise ValueError(f"`samples`: {name} has prompt {prompt!r:.80}; expected a non-empty string")
     if not isinstance(completion, str):
         raise ValueError(f"`samples`: {name} has completion {completion!r:.80}; expected a string")
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-        raise ValueError(f"`samples`: {name} has reward {reward!r}; expected a finite number")
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not abs(reward) < FLOAT32_MAX:
+        raise ValueError(f"`samples`: {name} has reward {reward!r}; expected a finite number within float32's "
+                         f"range (|reward| < {FLOAT32_MAX:.3g}; numpy scalars are welcome)")
     if finish_reason not in FINISH_REASONS:
         raise ValueError(f"`samples`: {name} has finish_reason {finish_reason!r}; expected one of {FINISH_REASONS}")
     return dict(prompt=prompt, completion=completion, reward=float(reward), finish_reason=finish_reason)
@@ -88,6 +90,12 @@ def tokenize_text_sample(tokenizer, prompt_index: int, prompt: str, completion: 
     completion_ids = full_ids[split:]
     if finish_reason == "stop" and tokenizer.eos_token_id is not None:
         completion_ids.append(tokenizer.eos_token_id)
+    if not completion_ids:
+        raise ValueError(
+            f"The completion {completion!r:.60} of prompt {prompt_index} ({prompt[:60]!r}) has no token of its own "
+            f"in the value tokenizer and did not end by itself (finish_reason {finish_reason!r}): no state to train "
+            "on. Drop the record, or mark it finish_reason 'stop' if the model ended there"
+        )
     return Sample(prompt_index, full_ids[:split], completion_ids, reward)
 
 
