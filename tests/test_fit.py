@@ -157,7 +157,9 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
-    assert state == {"epoch": 0, "step_in_epoch": 2, "global_step": 2, "best_error": None}
+    assert {key: state[key] for key in ("epoch", "step_in_epoch", "global_step", "best_error")} == {
+        "epoch": 0, "step_in_epoch": 2, "global_step": 2, "best_error": None}
+    assert state["training"]["lam"] == 1.0 and state["training"]["batch_size"] == FIT_OPTIONS["batch_size"]
     monkeypatch.setattr(_Trainer, "losses", original)
     reward = CountingReward()
     fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, keep_checkpoint=True, **FIT_OPTIONS)
@@ -442,3 +444,54 @@ def test_rewards_that_overflow_float32_are_refused_before_they_are_stored(tmp_pa
         fit(base, tokenizer, prompts, huge, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
     assert "beyond float32's range" in str(error.value.__cause__) and "(1, 1e+39)" in str(error.value.__cause__)
     assert not (tmp_path / "samples.jsonl").exists() or not (tmp_path / "samples.jsonl").read_text()
+
+
+def test_a_checkpoint_trained_otherwise_is_refused_with_the_settings_named_and_the_samples_kept(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, keep_checkpoint=True,
+        **FIT_OPTIONS)
+    with pytest.raises(ValueError, match=r"lam: checkpoint 1.0, now 0.0.*delete .*checkpoint") as error:
+        fit(base, tokenizer, prompts, CountingReward(), epochs=2, lam=0.0, output_dir=tmp_path, **FIT_OPTIONS)
+    assert "overwrite_output_dir" not in str(error.value)  # no remedy that deletes the samples
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
+
+
+def test_resuming_uses_the_learning_rate_it_is_given(tmp_path, monkeypatch):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, keep_checkpoint=True,
+        **FIT_OPTIONS)
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path,
+        **dict(FIT_OPTIONS, learning_rate=1e-4))
+    assert seen and set(seen) == {1e-4}
+
+
+def test_an_interrupt_right_after_an_optimizer_step_counts_that_step(tmp_path, monkeypatch):
+    """Ctrl-C between the update and the step counter: the resumed run must not apply that batch again, so it
+    ends bit for bit where an uninterrupted run ends."""
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    straight = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "a", **FIT_OPTIONS)
+    original, calls = torch.optim.AdamW.step, {"count": 0}
+
+    def interrupted_after(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt  # the update is applied; fit()'s counters have not moved yet
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_after)
+    with pytest.raises(KeyboardInterrupt):
+        fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 3
+    resumed = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    for (key, tensor), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(tensor, other), key

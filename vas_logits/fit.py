@@ -461,9 +461,14 @@ class _Trainer:
         return loss, state_values, rewards, mask
 
     def train(self, train_samples, eval_samples, epochs, batch_size, seed) -> None:
+        self.settings = {"lam": self.lam, "gamma": self.gamma, "max_grad_norm": self.max_grad_norm, "seed": seed,
+                         "head": self.value_model.config.head, "batch_size": batch_size,
+                         "reward_mean": self.value_model.config.reward_mean,
+                         "reward_std": self.value_model.config.reward_std}
         self._resume()
         if self.epoch >= epochs:
-            logger.info("Training already finished (%d epochs) in %s", epochs, self.run.path)
+            logger.warning("Training already finished (%d epochs) in %s: returning that model (pass more epochs "
+                           "to continue it)", self.epoch, self.run.path)
         try:
             while self.epoch < epochs:
                 batches = self._epoch_batches(len(train_samples), batch_size, seed + self.epoch)
@@ -492,6 +497,7 @@ class _Trainer:
                         self.best_state = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
                 self._save_checkpoint()
         except KeyboardInterrupt:
+            self._count_applied_steps()
             self._save_checkpoint()
             logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
                            self.run.checkpoint if self.run else "(no output_dir: nothing)")
@@ -499,6 +505,16 @@ class _Trainer:
         if self.best_state is not None:
             logger.info("Keeping the weights of the epoch with the lowest held-out error (%.4f)", self.best_error)
             self.value_model.load_state_dict(self.best_state)
+
+    def _count_applied_steps(self) -> None:
+        """After an interrupt: count a step whose optimizer update was applied but not yet counted, so that a
+        resumed run does not apply that batch twice. AdamW keeps its own count of applied steps."""
+        states = [self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]
+                  if "step" in self.optimizer.state[p]]
+        applied = int(states[0]["step"]) if states else 0
+        if applied == self.global_step + 1:
+            self.step_in_epoch += 1
+            self.global_step += 1
 
     def _epoch_batches(self, num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
         """This process's batches: one shuffled order for all, padded so every process gets as many steps."""
@@ -528,6 +544,23 @@ class _Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _check_settings(self, state: dict, directory: Path) -> None:
+        """Refuse to continue a checkpoint trained otherwise: its weights would silently be another run's. The
+        number of epochs and the learning rate may change; the batch size only at an epoch boundary."""
+        stored = state.get("training")
+        if stored is None:
+            raise ValueError(f"The checkpoint in {directory} does not record its training settings (written before "
+                             "vas_logits 0.4): delete that folder to train again on the stored samples")
+        allowed = {"batch_size"} if state["step_in_epoch"] == 0 else set()
+        changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in self.settings.items()
+                   if key not in allowed and stored.get(key) != value]
+        if changed:
+            raise ValueError(
+                f"The checkpoint in {directory} was trained with other settings (" + "; ".join(changed) + "). To "
+                f"continue it, pass the checkpoint's values; to train anew on the stored samples (they are kept), "
+                f"delete {directory} and {self.run.final}"
+            )
+
     def _save_checkpoint(self) -> None:
         if self.run is None or self.rank != 0:
             return
@@ -539,7 +572,8 @@ class _Trainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
                        folder / "training_state.pt")
             state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                     "best_error": self.best_error if self.best_state is not None else None}
+                     "best_error": self.best_error if self.best_state is not None else None,
+                     "training": self.settings}
             (folder / COMPLETE_MARKER).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
 
         self.run.write_checkpoint(write)
@@ -557,8 +591,15 @@ class _Trainer:
                 f"The checkpoint in {directory} belongs to another value model (other layers or sizes): use a new "
                 f"output_dir, or overwrite_output_dir=True to start over. {error}"
             ) from error
+        self._check_settings(state, directory)
         training_state = torch.load(directory / "training_state.pt", map_location=self.device, weights_only=True)
+        learning_rates = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(training_state["optimizer"])
+        for group, learning_rate in zip(self.optimizer.param_groups, learning_rates):
+            if group["lr"] != learning_rate:
+                logger.info("Resuming at the learning rate given now (%g), not the checkpoint's (%g)", learning_rate,
+                            group["lr"])
+            group["lr"] = learning_rate  # the optimizer's saved state would keep the old one
         torch.set_rng_state(training_state["torch_rng"].cpu())
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         if state.get("best_error") is not None and (directory / BEST_NAME).exists():
