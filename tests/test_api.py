@@ -154,6 +154,13 @@ def test_http_errors_are_retried_when_transient(served, status, retried):
     assert len(served.requests) == (2 if retried else 1)
 
 
+def test_a_404_says_what_base_url_must_be(served):
+    served.misbehave = lambda number, body: (404, b'{"error": {"message": "Not Found"}}')
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, max_retries=0)
+    with pytest.raises(APIGenerationError, match=r"HTTP 404.*`base_url` must be the API root .*/v1"):
+        client.generate(["w4"], progress=False)
+
+
 def test_a_transient_error_is_retried_and_then_succeeds(served):
     served.misbehave = lambda number, body: (500, b"{}") if number == 2 else None
     client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, max_retries=2)

@@ -153,3 +153,18 @@ def test_fit_then_vas_with_the_distributional_head_raises_the_reward_on_unseen_p
     steered = mean_reward(base, tokenizer, prompts[256:], [VAS(value_model, beta=3.0, top_k=20)])
     # Measured here: 1.92 -> 3.48 (1.8x; the scalar head reaches 5.23 at the same beta per std).
     assert steered >= 1.5 * without, (without, steered)
+
+
+def test_rewards_outside_the_atoms_without_standardising_are_refused_and_the_samples_kept(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+
+    def reward(prompts, completions):
+        return [10.0 + r for r in count_good_words(prompts, completions)]  # in [10, 20]: atoms span [-3, 3]
+
+    value_model = ValueModel.from_backbone(base, num_layers=1, head="distributional")
+    with pytest.raises(ValueError, match=r"outside the distributional head's atoms \(-3..3\), e.g. reward 1\d"):
+        fit(base, tokenizer, prompts, reward, value_model, epochs=1, standardize_rewards=False, output_dir=tmp_path,
+            **FIT_OPTIONS)
+    value_model.set_value_range(9.0, 21.0)  # the remedy the error names; the stored samples are reused
+    fit(base, tokenizer, prompts, reward, value_model, epochs=1, standardize_rewards=False, output_dir=tmp_path,
+        **FIT_OPTIONS)

@@ -495,3 +495,17 @@ def test_an_interrupt_right_after_an_optimizer_step_counts_that_step(tmp_path, m
     resumed = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
     for (key, tensor), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(tensor, other), key
+
+
+def test_a_tokenizer_with_the_same_name_and_size_but_other_ids_is_refused(tmp_path):
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(4)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    other = word_tokenizer()
+    vocab = other.backend_tokenizer.get_vocab()
+    swapped = {**vocab, "w5": vocab["w6"], "w6": vocab["w5"]}  # same words, same size, two ids exchanged
+    from tokenizers import Tokenizer, models
+
+    other.backend_tokenizer.model = models.WordLevel(swapped, unk_token="<unk>")
+    assert other.name_or_path == tokenizer.name_or_path and len(other) == len(tokenizer)
+    with pytest.raises(ValueError, match="tokenizer: stored"):
+        fit(base, other, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)

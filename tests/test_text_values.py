@@ -68,3 +68,21 @@ def test_empty_text_is_a_clear_error():
 def test_a_token_head_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="token head"):
         TextValuer(tiny_value_model("llama", head="token"), word_tokenizer())
+
+
+def test_a_failed_forward_leaves_the_valuer_usable():
+    value_model, tokenizer = tiny_value_model("llama"), word_tokenizer()
+    valuer = TextValuer(value_model, tokenizer)
+    valuer.values("w4 w5", [" w6", " w7"])
+    layer = value_model.backbone.layers[1]
+    original = layer.forward
+
+    def failing(*args, **kwargs):  # layer 0 has written its keys and values already
+        raise RuntimeError("out of memory")
+
+    layer.forward = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        valuer.values("w4 w5 w6", [" w8", " w9"])
+    layer.forward = original
+    fresh = TextValuer(value_model, tokenizer).values("w4 w5 w6", [" w8", " w9"]).values
+    assert torch.allclose(valuer.values("w4 w5 w6", [" w8", " w9"]).values, fresh, atol=1e-5)

@@ -197,4 +197,6 @@ def _stopped_without_logprobs(response) -> bool:
 def _describe(error: Exception) -> str:
     status = getattr(error, "status_code", None)
     kind = type(error).__name__
-    return f"{kind} (HTTP {status}): {error}" if status else f"{kind}: {error}"
+    hint = (" (no such route on this server: `base_url` must be the API root that `/completions` follows, "
+            "e.g. 'http://127.0.0.1:8000/v1')") if status == 404 else ""
+    return f"{kind} (HTTP {status}): {error}{hint}" if status else f"{kind}: {error}"

@@ -196,6 +196,8 @@ def fit(
                 rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
     if standardize_rewards and not bool(value_model.head.weight.any()):  # a fresh head: set its units now
         _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
+    if value_model.distributional:
+        _check_atoms_cover(value_model, train_samples)
 
     trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
     value_model.eval()
@@ -220,6 +222,22 @@ def _standardize(value_model: ValueModel, rewards: torch.Tensor) -> None:
         low, high = ((rewards.min().item() - mean) / std, (rewards.max().item() - mean) / std)
         value_model.set_value_range(low, high)
     logger.info("Standardised rewards: V predicts (R - %.4g) / %.4g", mean, std)
+
+
+def _check_atoms_cover(value_model: ValueModel, samples) -> None:
+    """A distributional head can only predict rewards within its atoms: refuse samples outside them (their
+    targets would be clipped to the end atoms without a word). The samples stay stored for the next call."""
+    mean, std = value_model.config.reward_mean or 0.0, value_model.config.reward_std or 1.0
+    low, high = value_model.config.value_range
+    outside = [sample for sample in samples if not low - 1e-6 <= (sample.reward - mean) / std <= high + 1e-6]
+    if outside:
+        first = outside[0]
+        raise ValueError(
+            f"{len(outside)} samples have rewards outside the distributional head's atoms ({low:g}..{high:g}"
+            f"{'' if std == 1.0 and mean == 0.0 else f' in units of ({mean:.4g}, {std:.4g})'}), e.g. reward "
+            f"{first.reward!r} of prompt {first.prompt_index}: pass standardize_rewards=True to a fresh value model, "
+            f"or widen the atoms first with value_model.set_value_range(low, high)"
+        )
 
 
 def _prompts_or_records(base_model, prompts, reward_fn, samples) -> tuple[list[str], list[dict] | None]:

@@ -30,6 +30,8 @@ SAMPLES_NAME = "samples.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "value_model"
 COMPLETE_MARKER = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
+# Tokenised to fingerprint a tokenizer by what it does: words, digits, accents, emoji, whitespace, a chat marker.
+PROBE_TEXT = "The movie was GREAT, 10/10!  Café naïve 😀\n\t<|im_start|>user end"
 
 
 def describe_base_model(base_model, records: list[dict] | None = None) -> dict[str, Any]:
@@ -58,9 +60,18 @@ def sampling_fingerprint(base_model: dict[str, Any], tokenizer, prompts: list[st
         "prompts": f"{len(prompts)} prompts, sha256 {_hash(prompts)}",
         "reward": reward,
         "base_model": base_model,
-        "tokenizer": {"name": _name(getattr(tokenizer, "name_or_path", None)), "size": len(tokenizer)},
+        "tokenizer": {"name": _name(getattr(tokenizer, "name_or_path", None)), "size": len(tokenizer),
+                      "ids": _tokenizer_hash(tokenizer)},
         **json.loads(json.dumps(settings, sort_keys=True, default=repr)),
     }
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    """What the tokenizer does, not what it is called: its token -> id map, the ids of a probe text (normalisers
+    and pre-tokenisers) and its special ids."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    probe = tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    return _hash([vocabulary, probe, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id])
 
 
 def _name(name_or_path: str | None) -> str | None:
@@ -92,6 +103,8 @@ class RunDirectory:
                 "written since vas_logits 0.2): use a new output_dir, or overwrite_output_dir=True to start over"
             )
         stored = json.loads(fingerprint_file.read_text())
+        if isinstance(stored.get("tokenizer"), dict) and "ids" not in stored["tokenizer"]:  # before vas_logits 0.4
+            fingerprint = dict(fingerprint, tokenizer={k: v for k, v in fingerprint["tokenizer"].items() if k != "ids"})
         differences = [f"{key}: stored {stored.get(key)!r}, now {value!r}"
                        for key, value in fingerprint.items() if stored.get(key) != value]
         if differences:

@@ -95,13 +95,17 @@ class TextValuer:
         step_ids = shared_ids[keep:] + [token for block in blocks for token in block]
         device = self.value_model.device
         mask, positions = self._step_mask(keep, shared, [len(block) for block in blocks], device)
-        output = self.value_model(
-            input_ids=torch.tensor([step_ids], device=device),
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-        )
+        try:
+            output = self.value_model(
+                input_ids=torch.tensor([step_ids], device=device),
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+            )
+        except BaseException:  # layers written half-way (an error, Ctrl-C): start the next call from scratch
+            self.reset()
+            raise
         self.cache.crop(-sum(len(block) for block in blocks))  # drop the candidate blocks, keep the shared tokens
         self.cached_ids = shared_ids
 
