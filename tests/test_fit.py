@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vas_logits import VAS, ValueModel, fit, td_lambda_targets
-from vas_logits.fit import _Trainer
+from vas_logits.trainer import Trainer, collate
 
 from .helpers import PAD, count_good_words, tiny_causal_lm, tiny_config, word_tokenizer
 
@@ -145,7 +145,7 @@ def test_resuming_continues_from_the_checkpoint_without_resampling(tmp_path):
 
 def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatch):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
-    original, calls = _Trainer.losses, {"count": 0}
+    original, calls = Trainer.losses, {"count": 0}
 
     def interrupted(self, batch):
         calls["count"] += 1
@@ -153,14 +153,14 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return original(self, batch)
 
-    monkeypatch.setattr(_Trainer, "losses", interrupted)
+    monkeypatch.setattr(Trainer, "losses", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert {key: state[key] for key in ("epoch", "step_in_epoch", "global_step", "best_error")} == {
         "epoch": 0, "step_in_epoch": 2, "global_step": 2, "best_error": None}
     assert state["training"]["lam"] == 1.0 and state["training"]["batch_size"] == FIT_OPTIONS["batch_size"]
-    monkeypatch.setattr(_Trainer, "losses", original)
+    monkeypatch.setattr(Trainer, "losses", original)
     reward = CountingReward()
     fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path, keep_checkpoint=True, **FIT_OPTIONS)
     assert reward.calls == 0
@@ -179,11 +179,11 @@ def test_a_value_model_that_cannot_train_fails_before_any_sampling(tmp_path):
 
 
 def test_the_dry_run_step_leaves_weights_gradients_and_mode_as_they_were():
-    tokenizer, base = word_tokenizer(), tiny_causal_lm("qwen2")
+    base = tiny_causal_lm("qwen2")
     value_model = ValueModel.from_backbone(base, num_layers=1, head="distributional")
     value_model.eval()
     before = {key: tensor.clone() for key, tensor in value_model.state_dict().items()}
-    trainer = _Trainer(value_model, 1e-2, 1.0, 1.0, 1.0, PAD, 0, 1, None, False, True)
+    trainer = Trainer(value_model, 1e-2, 1.0, 1.0, 1.0, PAD, 0, 1, None, False, True)
     trainer.check_step()
     assert not value_model.training
     assert all(parameter.grad is None for parameter in value_model.parameters())
@@ -192,7 +192,7 @@ def test_the_dry_run_step_leaves_weights_gradients_and_mode_as_they_were():
 
 def test_a_crash_after_sampling_leaves_the_samples_for_the_next_call(tmp_path, monkeypatch):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
-    original, crashed = _Trainer.losses, {"done": False}
+    original, crashed = Trainer.losses, {"done": False}
 
     def incompatible(self, batch):  # as a transformers release that breaks only the full training batches would
         if self.model.training and len(batch.rewards) == FIT_OPTIONS["batch_size"] and not crashed["done"]:
@@ -200,7 +200,7 @@ def test_a_crash_after_sampling_leaves_the_samples_for_the_next_call(tmp_path, m
             raise TypeError("unexpected keyword argument 'cache'")
         return original(self, batch)
 
-    monkeypatch.setattr(_Trainer, "losses", incompatible)
+    monkeypatch.setattr(Trainer, "losses", incompatible)
     with pytest.raises(TypeError, match="cache"):
         fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
@@ -410,7 +410,6 @@ def test_two_processes_on_gloo(tmp_path):
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_token_head_loss_trains_q_of_each_taken_token_toward_the_next_states_target(lam):
     """Q(s_t, a_t) is the value of s_{t+1}: TD(lambda) over s_1 .. s_T (s_T, after the last token, toward R)."""
-    from vas_logits.fit import _collate
     from vas_logits.sampling import Sample
 
     value_model = ValueModel.from_backbone(tiny_config("llama"), head="token")
@@ -419,8 +418,8 @@ def test_token_head_loss_trains_q_of_each_taken_token_toward_the_next_states_tar
         for parameter in value_model.parameters():
             parameter.normal_(0, 0.3)
     samples = [Sample(0, [1, 5, 6], [7, 8, 2], 1.5), Sample(1, [1, 9], [10], -0.5)]
-    trainer = _Trainer(value_model, 1e-3, 1.0, 1.0, lam, PAD, 0, 1, None, False, True)
-    loss = trainer.losses(_collate(samples, PAD, value_model.device))[0]
+    trainer = Trainer(value_model, 1e-3, 1.0, 1.0, lam, PAD, 0, 1, None, False, True)
+    loss = trainer.losses(collate(samples, PAD, value_model.device))[0]
     squared, count = 0.0, 0
     for sample in samples:
         ids = torch.tensor([sample.prompt_ids + sample.completion_ids])
@@ -503,7 +502,7 @@ def test_a_tokenizer_with_the_same_name_and_size_but_other_ids_is_refused(tmp_pa
     other = word_tokenizer()
     vocab = other.backend_tokenizer.get_vocab()
     swapped = {**vocab, "w5": vocab["w6"], "w6": vocab["w5"]}  # same words, same size, two ids exchanged
-    from tokenizers import Tokenizer, models
+    from tokenizers import models
 
     other.backend_tokenizer.model = models.WordLevel(swapped, unk_token="<unk>")
     assert other.name_or_path == tokenizer.name_or_path and len(other) == len(tokenizer)

@@ -3,7 +3,7 @@
     samples  = the base model's own completions of the prompts, each scored once by reward_fn  (sampling.py),
                sampled through an API endpoint or given as text with their rewards             (text_samples.py)
     targets  = TD(lambda) returns from the value model's current predictions                    (targets.py)
-    loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW; grad-norm clipping
+    loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW   (trainer.py)
 
 The base model is only sampled from: its weights, their requires_grad and its train/eval mode are as they
 were when fit() returns. With `output_dir` nothing is lost: samples are appended as they are scored, a
@@ -13,33 +13,25 @@ checkpoint is written each epoch and on Ctrl-C, and calling fit() again resumes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-import transformers
-from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from .endpoint import CompletionsEndpoint
-from .run_dir import COMPLETE_MARKER, RunDirectory, describe_base_model, sampling_fingerprint
-from .sampling import RewardFn, Sample, SampleStore, pad_batch, sample_and_score
+from .run_dir import RunDirectory, describe_base_model, sampling_fingerprint
+from .sampling import RewardFn, SampleStore, sample_and_score
 from .text_samples import endpoint_sample_and_score, given_samples, read_text_samples
-from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
-from .value_model import WEIGHTS_NAME, ValueModel
+from .trainer import Trainer
+from .value_model import ValueModel
 
 logger = logging.getLogger(__name__)
 
 GIVEN_REWARDS = "given rewards"  # the value model's `reward` when trained on given samples
-BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
 DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap to query every step
 # Default AdamW learning rate = this / the value model's hidden size. Adam moves every weight by about lr per
 # step, so a layer's output moves by about lr × fan-in: keeping that fixed across widths (as muP does) needs
@@ -176,7 +168,7 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
-    trainer = _Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
+    trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
                        run, progress, keep_best)
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
 
@@ -369,258 +361,3 @@ def _collect_samples(sampler, indexed, store, rank, world_size, seed, samples_pe
         if rank == 0:
             store.append(new)
     return stored + new
-
-
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor  # (B, L) prompt + completion, right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    state_positions: torch.Tensor  # (B, S) where V(s_t) is read: the last token of prompt + t completion tokens
-    lengths: torch.Tensor  # (B,) completion lengths T
-    rewards: torch.Tensor  # (B,)
-
-
-def _collate(samples: Sequence[Sample], pad_token_id: int, device) -> _Batch:
-    input_ids, attention_mask = pad_batch([s.prompt_ids + s.completion_ids for s in samples], pad_token_id, "right")
-    width = input_ids.shape[1]
-    lengths = torch.tensor([len(sample.completion_ids) for sample in samples])
-    prompt_lengths = torch.tensor([len(sample.prompt_ids) for sample in samples])
-    num_states = int(lengths.max()) + 1
-    state_positions = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]
-    state_positions = state_positions.clamp(max=width - 1)  # past s_T: masked, any valid index will do
-    rewards = torch.tensor([sample.reward for sample in samples])
-    return _Batch(input_ids.to(device), attention_mask.to(device), state_positions.to(device), lengths.to(device),
-                  rewards.to(device))
-
-
-class _Trainer:
-    """The optimisation loop, its checkpoints and its evaluation; fit() above is the public face."""
-
-    def __init__(self, value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                 run: RunDirectory | None, progress, keep_best):
-        self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
-        self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
-        self.run, self.progress, self.keep_best = run, progress and rank == 0, keep_best
-        self.best_error, self.best_state = math.inf, None  # the held-out error and weights of the best epoch
-        self.device = value_model.device
-        self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
-        self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-
-    @property
-    def reward_mean(self) -> float:  # read when used: fit() standardises the rewards after the trainer is built
-        return self.value_model.config.reward_mean or 0.0
-
-    @property
-    def reward_std(self) -> float:
-        return self.value_model.config.reward_std or 1.0
-
-    def check_step(self) -> None:
-        """One forward and backward pass of the training loss on a dummy batch, before any sampling, so that a
-        value model that cannot train, or a torch / transformers release that breaks it, costs a second rather
-        than the whole sampling run. The weights, their gradients and the train/eval mode are left as they were."""
-        vocab_size = self.value_model.backbone_config.vocab_size
-        token = 0 if self.pad_token_id != 0 or vocab_size < 2 else 1
-        dummy = [Sample(0, [token, token], [token, token, token], 0.0), Sample(1, [token], [token], 1.0)]
-        was_training = self.value_model.training
-        saved_grads = [parameter.grad for parameter in self.value_model.parameters()]
-        model, self.model = self.model, self.value_model  # not through DDP: no collective for a dry run
-        self.value_model.train()
-        try:
-            loss = self.losses(_collate(dummy, self.pad_token_id, self.device))[0]
-            loss.backward()
-            if not bool(torch.isfinite(loss)):
-                raise ValueError(f"a training step on a dummy batch gave a non-finite loss ({loss.item()})")
-        except Exception as error:
-            raise RuntimeError(
-                f"The value model cannot be trained: one forward/backward pass on a dummy batch failed before "
-                f"sampling (torch {torch.__version__}, transformers {transformers.__version__}): {error}"
-            ) from error
-        finally:
-            self.model = model
-            for parameter, grad in zip(self.value_model.parameters(), saved_grads):
-                parameter.grad = grad
-            self.value_model.train(was_training)
-
-    def losses(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The loss to the TD(lambda) targets: 0.5 · masked MSE (scalar head) or masked cross-entropy
-        (distributional head). Also returns the state values (B, S), the rewards in the model's units (B,) and
-        the state mask (B, S)."""
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        rewards = (batch.rewards - self.reward_mean) / self.reward_std
-        if self.value_model.token_head:
-            # Q(s_t, a_t) of the token taken at each state is the value of the next state s_{t+1}: the same TD
-            # targets over states s_1 .. s_T (s_0, valued by no taken token, is a dummy that no target uses)
-            next_ids = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)  # (B, L): id after each
-            with autocast:
-                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    next_tokens=next_ids[..., None])  # (B, L, 1)
-            taken_at = batch.state_positions[:, :-1]  # (B, S - 1): where s_t ends, t < T
-            q_taken = output.values[..., 0].float().gather(1, taken_at)  # (B, S - 1) = V(s_1) .. V(s_T)
-            state_values = torch.cat([torch.zeros_like(q_taken[:, :1]), q_taken], dim=1)  # (B, S)
-            mask = state_mask(batch.lengths, state_values.shape[1])
-            mask[:, 0] = False
-            targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
-            loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
-            return loss, state_values, rewards, mask
-        with autocast:
-            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
-        mask = state_mask(batch.lengths, state_values.shape[1])
-        if self.value_model.distributional:
-            index = batch.state_positions[..., None].expand(-1, -1, output.logits.shape[-1])
-            log_probs = output.logits.float().gather(1, index).log_softmax(-1)  # (B, S, A)
-            reward_distributions = two_hot(rewards, self.value_model.atoms)  # (B, A)
-            targets = distributional_td_lambda_targets(log_probs.exp(), reward_distributions, batch.lengths, self.lam)
-            loss = (-(targets * log_probs).sum(-1) * mask).sum() / mask.sum()
-        else:
-            targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
-            loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
-        return loss, state_values, rewards, mask
-
-    def train(self, train_samples, eval_samples, epochs, batch_size, seed) -> None:
-        self.settings = {"lam": self.lam, "gamma": self.gamma, "max_grad_norm": self.max_grad_norm, "seed": seed,
-                         "head": self.value_model.config.head, "batch_size": batch_size,
-                         "reward_mean": self.value_model.config.reward_mean,
-                         "reward_std": self.value_model.config.reward_std}
-        self._resume()
-        if self.epoch >= epochs:
-            logger.warning("Training already finished (%d epochs) in %s: returning that model (pass more epochs "
-                           "to continue it)", self.epoch, self.run.path)
-        try:
-            while self.epoch < epochs:
-                batches = self._epoch_batches(len(train_samples), batch_size, seed + self.epoch)
-                bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{epochs}",
-                           unit="step", disable=not self.progress)
-                self.value_model.train()
-                for indices in batches[self.step_in_epoch :]:
-                    batch = _collate([train_samples[i] for i in indices], self.pad_token_id, self.device)
-                    loss = self.losses(batch)[0]
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.max_grad_norm)
-                    self.optimizer.step()
-                    self.step_in_epoch += 1
-                    self.global_step += 1
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                bar.close()
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                metrics = self.evaluate(eval_samples, batch_size)
-                if metrics:
-                    logger.info("epoch %d: held-out loss %.4f, error %.4f, correlation of V with the reward %.3f",
-                                self.epoch, metrics["loss"], metrics["error"], metrics["correlation"])
-                    if self.keep_best and metrics["error"] < self.best_error:
-                        self.best_error = metrics["error"]
-                        self.best_state = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
-                self._save_checkpoint()
-        except KeyboardInterrupt:
-            self._count_applied_steps()
-            self._save_checkpoint()
-            logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
-                           self.run.checkpoint if self.run else "(no output_dir: nothing)")
-            raise
-        if self.best_state is not None:
-            logger.info("Keeping the weights of the epoch with the lowest held-out error (%.4f)", self.best_error)
-            self.value_model.load_state_dict(self.best_state)
-
-    def _count_applied_steps(self) -> None:
-        """After an interrupt: count a step whose optimizer update was applied but not yet counted, so that a
-        resumed run does not apply that batch twice. AdamW keeps its own count of applied steps."""
-        states = [self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]
-                  if "step" in self.optimizer.state[p]]
-        applied = int(states[0]["step"]) if states else 0
-        if applied == self.global_step + 1:
-            self.step_in_epoch += 1
-            self.global_step += 1
-
-    def _epoch_batches(self, num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
-        """This process's batches: one shuffled order for all, padded so every process gets as many steps."""
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
-        order += order[: (-len(order)) % self.world_size]
-        mine = order[self.rank :: self.world_size]
-        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-
-    @torch.no_grad()
-    def evaluate(self, samples, batch_size) -> dict[str, float]:
-        """Held-out loss; error = mean squared error of V(s_t) against the episode's reward over every state (what
-        the value estimates, free of the model's own bootstrapped targets); and the Pearson correlation of the two."""
-        if not samples:
-            return {}
-        self.value_model.eval()
-        total_loss, predictions, rewards = 0.0, [], []
-        for start in range(0, len(samples), batch_size):
-            batch = _collate(samples[start : start + batch_size], self.pad_token_id, self.device)
-            loss, state_values, batch_rewards, mask = self.losses(batch)
-            total_loss += loss.item() * len(batch.rewards)
-            predictions.append(state_values[mask])
-            rewards.append(batch_rewards[:, None].expand_as(mask)[mask])
-        stacked = torch.stack([torch.cat(predictions), torch.cat(rewards)])
-        correlation = torch.corrcoef(stacked)[0, 1].item() if stacked[1].std() > 0 else float("nan")
-        error = (stacked[0] - stacked[1]).pow(2).mean().item()
-        return {"loss": total_loss / len(samples), "error": error, "correlation": correlation}
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _check_settings(self, state: dict, directory: Path) -> None:
-        """Refuse to continue a checkpoint trained otherwise: its weights would silently be another run's. The
-        number of epochs and the learning rate may change; the batch size only at an epoch boundary."""
-        stored = state.get("training")
-        if stored is None:
-            raise ValueError(f"The checkpoint in {directory} does not record its training settings (written before "
-                             "vas_logits 0.4): delete that folder to train again on the stored samples")
-        allowed = {"batch_size"} if state["step_in_epoch"] == 0 else set()
-        changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in self.settings.items()
-                   if key not in allowed and stored.get(key) != value]
-        if changed:
-            raise ValueError(
-                f"The checkpoint in {directory} was trained with other settings (" + "; ".join(changed) + "). To "
-                f"continue it, pass the checkpoint's values; to train anew on the stored samples (they are kept), "
-                f"delete {directory} and {self.run.final}"
-            )
-
-    def _save_checkpoint(self) -> None:
-        if self.run is None or self.rank != 0:
-            return
-
-        def write(folder: Path) -> None:
-            self.value_model.save_pretrained(folder)
-            if self.best_state is not None:
-                save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()}, str(folder / BEST_NAME))
-            torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
-                       folder / "training_state.pt")
-            state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                     "best_error": self.best_error if self.best_state is not None else None,
-                     "training": self.settings}
-            (folder / COMPLETE_MARKER).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-
-        self.run.write_checkpoint(write)
-
-    def _resume(self) -> None:
-        directory = self.run.latest_checkpoint() if self.run else None
-        if directory is None:
-            return
-        state = json.loads((directory / COMPLETE_MARKER).read_text())
-        weights = load_file(str(directory / WEIGHTS_NAME), device=str(self.device))
-        try:
-            self.value_model.load_state_dict(weights, strict=True)
-        except RuntimeError as error:
-            raise ValueError(
-                f"The checkpoint in {directory} belongs to another value model (other layers or sizes): use a new "
-                f"output_dir, or overwrite_output_dir=True to start over. {error}"
-            ) from error
-        self._check_settings(state, directory)
-        training_state = torch.load(directory / "training_state.pt", map_location=self.device, weights_only=True)
-        learning_rates = [group["lr"] for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(training_state["optimizer"])
-        for group, learning_rate in zip(self.optimizer.param_groups, learning_rates):
-            if group["lr"] != learning_rate:
-                logger.info("Resuming at the learning rate given now (%g), not the checkpoint's (%g)", learning_rate,
-                            group["lr"])
-            group["lr"] = learning_rate  # the optimizer's saved state would keep the old one
-        torch.set_rng_state(training_state["torch_rng"].cpu())
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        if state.get("best_error") is not None and (directory / BEST_NAME).exists():
-            self.best_error = state["best_error"]
-            self.best_state = load_file(str(directory / BEST_NAME), device=str(self.device))
-        logger.info("Resuming from %s: epoch %d, step %d", directory, self.epoch, self.step_in_epoch)

@@ -72,8 +72,8 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
 
     Adds Σ_i beta_i · (Q_i(a) − mean_K Q_i) to the scores of the `top_k` best tokens a ∈ K, where
     Q_i(a) = V_i(prefix∘a) (for a distributional value model, the soft value (1/beta_i) log E[exp(beta_i z)]
-    of its predicted reward distribution; for a token head, its Q_i(prefix, a)); the other tokens get −inf (`outside_top_k="mask"`) or keep their
-    score ("keep").
+    of its predicted reward distribution; for a token head, its Q_i(prefix, a)); the other tokens get −inf
+    (`outside_top_k="mask"`) or keep their score ("keep").
     It runs before generate()'s temperature and top-p warpers, so a temperature T divides beta too.
 
     Args:

@@ -12,7 +12,6 @@ what decoding queries when EOS is a candidate.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from collections.abc import Iterable, Sequence
