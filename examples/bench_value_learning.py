@@ -264,9 +264,9 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     value_model = None
-    if getattr(args, "head", "scalar") != "scalar" or getattr(args, "value_layers", None):
-        layers = getattr(args, "value_layers", None) or min(4, base.config.num_hidden_layers)
-        value_model = ValueModel.from_backbone(base, num_layers=layers, head=args.head)
+    if getattr(args, "head", "scalar") != "scalar":  # else fit()'s own default value model
+        value_model = ValueModel.from_backbone(base, num_layers=min(4, base.config.num_hidden_layers),
+                                               head=args.head)
     value_model = fit(base, tokenizer, train, task.reward_fn(), value_model, max_new_tokens=args.new_tokens,
                       seed=args.seed, progress=False, **fit_options)
     fit_seconds = time.perf_counter() - started

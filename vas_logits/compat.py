@@ -14,15 +14,12 @@ The supported range is the one CI tests (`.ci/run`): the oldest releases below a
 from __future__ import annotations
 
 import inspect
-import logging
 import warnings
 from typing import Any
 
 import torch
 import transformers
 from packaging.version import Version
-
-logger = logging.getLogger(__name__)
 
 # Oldest releases the test suite runs on in CI (keep setup.cfg's install_requires in step).
 MIN_TRANSFORMERS = "5.6.0"

@@ -148,9 +148,9 @@ def fit(
     value_model.config.pad_token_id = pad_token_id
 
     run = RunDirectory(output_dir) if output_dir is not None else None
-    if run is not None and isinstance(samples, (str, os.PathLike)):
-        run.check_not_inside(samples)  # the user's own file is never fit()'s to rewrite or delete
     if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
+        if isinstance(samples, (str, os.PathLike)):
+            run.check_not_inside(samples)  # the user's own file is never fit()'s to rewrite or delete
         fingerprint = sampling_fingerprint(
             base_description, tokenizer, prompts,
             reward_name or _reward_label(reward_fn, qualified=True),

@@ -241,7 +241,6 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
             masks, position_ids = stream.step_masks(new_start, siblings, self._layouts, key_width)
             step_ids = new_ids if token_head else torch.cat([new_ids, candidates], dim=-1)  # (B, n [+ k])
             steps[token_head] = (masks, position_ids, step_ids)
-        next_tokens = candidates[:, None, :].expand(-1, new_ids.shape[1], -1)  # (B, n, k) for token heads
         compiled = self.compile and new_ids.shape[1] == 1  # the steady decoding step: fixed shapes
         with self._compile_lock if compiled else contextlib.nullcontext():
             models = self._compiled_models(scores.device) if compiled else self.value_models
@@ -256,7 +255,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
                     position_ids=position_ids,
                     cache=cache,
                     use_cache=True,
-                    **({"next_tokens": next_tokens} if token_head else {}),
+                    **({"next_tokens": candidates[:, None, :]} if token_head else {}),  # (B, 1, k): at the end
                 )
                 # (B, k): beta · Q(s, a) for each candidate a (the soft Q of a distributional head), used before
                 # the next forward runs

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .value_model import CONFIG_NAME
+
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_NAME = "sampling.json"
@@ -147,7 +149,7 @@ class RunDirectory:
     def _has_previous_run(self) -> bool:
         """Samples, a checkpoint or a final model of an earlier call (given samples leave no samples file)."""
         return (self._has_samples() or (self.checkpoint / COMPLETE_MARKER).exists()
-                or (self._partial / COMPLETE_MARKER).exists() or (self.final / "config.json").exists())
+                or (self._partial / COMPLETE_MARKER).exists() or (self.final / CONFIG_NAME).exists())
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -165,8 +165,8 @@ class ValueModelOutput(ModelOutput):
 
     Args:
         values: (batch, seq) float32, the value of the prefix ending at each position (the distributional
-            head's mean); for the token head (batch, seq, m): Q(prefix, a) of the m `next_tokens` a at each
-            position, or (batch, seq, vocab) of every token when none were given.
+            head's mean); for the token head (batch, n, m): Q(prefix, a) of the m `next_tokens` a at each of
+            the last n positions, or (batch, seq, vocab) of every token when none were given.
         logits: (batch, seq, num_atoms) float32, the distributional head's logits over the atoms (None for the
             scalar head).
         cache: The backbone's transformers Cache when `use_cache=True`.
@@ -319,8 +319,8 @@ class ValueModel(nn.Module):
             cache: A transformers Cache holding the earlier tokens.
             use_cache: Whether to return the (updated) cache.
             past_key_values: Deprecated name of `cache` (transformers' own before 5.24).
-            next_tokens: Token head only: (batch, seq, m) ids a whose Q(prefix, a) to return at each position
-                (default: every token of the vocabulary).
+            next_tokens: Token head only: (batch, n, m) ids a whose Q(prefix, a) to return at each of the last
+                n <= seq positions (decoding passes n = 1; default: every token of the vocabulary, everywhere).
 
         Returns:
             ValueModelOutput with `values` (batch, seq) float32 ((batch, seq, m) for the token head), and `logits`
@@ -351,12 +351,13 @@ class ValueModel(nn.Module):
         return ValueModelOutput(values=values, logits=logits, cache=cache)
 
     def _token_values(self, hidden: torch.Tensor, next_tokens: torch.LongTensor | None) -> torch.Tensor:
-        """Token head: (B, T, m) Q(s_t, a) = head(h_t) · e_a + b_a for next_tokens (B, T, m), or (B, T, V)."""
-        query = self.head(hidden)  # (B, T, H)
+        """Token head: (B, n, m) Q(s_t, a) = head(h_t) · e_a + b_a for next_tokens (B, n, m) at the last n
+        positions, or (B, T, V) of every token at every position."""
         embeddings = self.backbone.get_input_embeddings().weight  # (V, H)
         if next_tokens is None:
-            return (query @ embeddings.T + self.token_bias).float()
-        chosen = embeddings[next_tokens]  # (B, T, m, H)
+            return (self.head(hidden) @ embeddings.T + self.token_bias).float()
+        query = self.head(hidden[:, hidden.shape[1] - next_tokens.shape[1] :])  # (B, n, H): only where asked
+        chosen = embeddings[next_tokens]  # (B, n, m, H)
         return ((chosen @ query[..., None]).squeeze(-1) + self.token_bias[next_tokens]).float()
 
     def beta_times_q(self, output: ValueModelOutput, beta: float, last: int) -> torch.Tensor:
