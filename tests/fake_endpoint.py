@@ -24,6 +24,7 @@ class FakeEndpoint:
         requests: The JSON bodies received, in order.
         misbehave: None, or a function (request number, body) -> (status, body bytes) | None overriding answers.
         delay: Seconds to wait before answering.
+        drip: Seconds between the answer's bytes (0: all at once), as a server that trickles its answer.
         max_in_flight: The most requests the server was answering at once.
     """
 
@@ -32,6 +33,7 @@ class FakeEndpoint:
         self.requests: list[dict] = []
         self.misbehave = None
         self.delay = 0.0
+        self.drip = 0.0
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         endpoint = self
@@ -66,7 +68,13 @@ class FakeEndpoint:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                if not endpoint.drip:
+                    self.wfile.write(payload)
+                    return
+                for position in range(len(payload)):
+                    self.wfile.write(payload[position : position + 1])
+                    self.wfile.flush()
+                    time.sleep(endpoint.drip)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

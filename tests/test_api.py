@@ -208,9 +208,21 @@ def test_timeout_is_an_error_not_a_hang(served):
     served.delay = 3.0
     client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, timeout=0.5)
     start = time.perf_counter()
-    with pytest.raises(APIGenerationError, match="Timeout"):
+    with pytest.raises(APIGenerationError, match=r"step 0\): no complete answer within timeout=0.5 s"):
         client.generate(["w4"], progress=False)
     assert time.perf_counter() - start < 3.0
+
+
+def test_timeout_is_a_deadline_for_the_whole_answer(served):
+    """A server that trickles its answer a byte every 0.05 s (each read well inside the timeout) still fails
+    the step once the whole request has taken `timeout`: before, one step waited for all ~400 bytes (20 s)."""
+    served.drip = 0.05
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, timeout=1.0)
+    start = time.perf_counter()
+    with pytest.raises(APIGenerationError, match="within timeout=1 s") as info:
+        client.generate(["w4"], max_new_tokens=4, progress=False)
+    assert time.perf_counter() - start < 2.5
+    assert info.value.completions[0].finish_reason == "error" and info.value.completions[0].num_steps == 0
 
 
 def test_partial_outputs_survive_a_failure(served):
@@ -277,7 +289,7 @@ def test_sample_asks_again_when_the_server_ignores_n(served):
     completions = CompletionsEndpoint(served.url).sample("w4 w5", n=3, max_tokens=5)
     assert len(completions) == 3 and len(served.requests) == 3
     assert all(c.finish_reason in ("stop", "length") for c in completions)
-    with pytest.raises(EndpointError, match="sampling failed"):
+    with pytest.raises(EndpointError, match=r"\(prompt 7\): request failed"):
         served.misbehave = lambda number, body: (400, b"{}")
         CompletionsEndpoint(served.url, max_retries=0).sample("w4", n=1, max_tokens=5, where="prompt 7")
 
@@ -336,6 +348,118 @@ def test_ctrl_c_stops_every_prompt_and_keeps_what_was_generated(served, monkeypa
     assert results[0].num_steps == 3 and len(results[0].text.split()) == 3
     assert results[0].finish_reason == "interrupted"
     assert all(r.num_steps == 0 and r.text == "" for r in results[1:])
+
+
+def test_ctrl_c_in_the_caller_returns_at_once_with_every_partial_text(served):
+    """Ctrl-C while requests are in flight (answers now take 20 s): generate() raises within about a second,
+    without waiting for them, and the KeyboardInterrupt carries each prompt's text so far."""
+    import _thread
+    import threading
+
+    def slow_after_eight(number, body):
+        if number > 8:
+            time.sleep(20)
+        return None
+    served.misbehave = slow_after_eight
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, timeout=60, concurrency=2)
+    timer = threading.Timer(2.0, _thread.interrupt_main)  # as SIGINT does: KeyboardInterrupt in the main thread
+    timer.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            client.generate(PROMPTS[:2], max_new_tokens=16, do_sample=False, progress=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        timer.cancel()
+    assert elapsed < 3.5, elapsed
+    results = info.value.completions
+    assert [r.finish_reason for r in results] == ["interrupted"] * 2
+    assert sum(r.num_steps for r in results) == 8  # the eight answered steps, none lost
+    assert all(len(r.text.split()) == r.num_steps for r in results)
+
+
+def test_ctrl_c_does_not_keep_the_interpreter_alive(served):
+    """A script interrupted while its requests hang exits at once: the request threads are daemons."""
+    import subprocess
+    import sys
+
+    served.delay = 30.0
+    script = f"""
+import os, signal, threading
+from tests.helpers import tiny_value_model, word_tokenizer
+from vas_logits.api import VASClient
+from vas_logits.endpoint import CompletionsEndpoint
+client = VASClient(CompletionsEndpoint({served.url!r}, model="tiny", timeout=60), tiny_value_model("llama"),
+                   word_tokenizer(), beta=1.0, top_k=5)
+threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    client.generate(["w4", "w5"], progress=False)
+except KeyboardInterrupt as error:
+    print("interrupted", [r.finish_reason for r in error.completions])
+"""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=25,
+                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "interrupted ['interrupted', 'interrupted']" in done.stdout
+    assert time.perf_counter() - start < 20  # the server answers after 30 s: nobody waited for it
+
+
+def test_an_unreachable_server_fails_every_prompt_once():
+    """Connections are reset at once: the first failure fails all eight prompts, instead of each prompt
+    retrying on its own (before: 8 × 3 connection attempts)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    attempts = []
+
+    def reset_every_connection():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            attempts.append(1)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            connection.close()
+    import threading
+    threading.Thread(target=reset_every_connection, daemon=True).start()
+    port = listener.getsockname()[1]
+    endpoint = CompletionsEndpoint(f"http://127.0.0.1:{port}/v1", model="m", timeout=30, max_retries=2)
+    client = VASClient(endpoint, tiny_value_model("llama"), word_tokenizer(), beta=1.0, top_k=5, concurrency=2)
+    try:
+        with pytest.raises(APIGenerationError, match="8 of 8 prompts failed") as info:
+            client.generate([f"w{i}" for i in range(4, 12)], progress=False)
+    finally:
+        listener.close()
+    assert len(attempts) <= 2 * 3, len(attempts)  # at most the prompts in flight, each with its retries
+    assert all(r.finish_reason == "error" and "request failed" in r.error for r in info.value.completions)
+
+
+def test_a_piece_that_is_not_valid_unicode_is_a_clear_error(served):
+    """A server that escapes half of a character (a lone UTF-16 surrogate) in its JSON: the prompt fails with the
+    URL, step and piece named, instead of a TypeError deep in the tokenizer."""
+    def half_a_character(number, body):
+        answer = served.answer(body)
+        top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
+        top["\ud83d"] = top.pop(next(iter(top)))
+        return 200, json.dumps(answer).encode()
+    served.misbehave = half_a_character
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0)
+    with pytest.raises(APIGenerationError, match=r"step 0\): a next-token piece from the server is not valid Unicode"):
+        client.generate(["w4"], progress=False)
+
+
+def test_log_probabilities_that_are_all_minus_infinity_are_a_clear_error(served):
+    def nothing_possible(number, body):
+        answer = served.answer(body)
+        logprobs = answer["choices"][0]["logprobs"]
+        logprobs["top_logprobs"][0] = {piece: "-Infinity" for piece in logprobs["top_logprobs"][0]}
+        return 200, json.dumps(answer).replace('"-Infinity"', "-Infinity").encode()
+    served.misbehave = nothing_possible
+    client = make_client(served, tiny_value_model("llama"), word_tokenizer(), 1.0, concurrency=2)
+    with pytest.raises(APIGenerationError, match=r"2 of 2 prompts failed.*every top log-probability is -inf"):
+        client.generate(["w4", "w5"], progress=False)
 
 
 def test_requests_carry_no_null_fields(served):

@@ -163,7 +163,7 @@ def test_an_endpoint_failure_keeps_earlier_batches_and_a_rerun_samples_only_the_
     try:
         endpoint = CompletionsEndpoint(served.url, timeout=10, max_retries=0, concurrency=1)
         served.misbehave = lambda number, body: (503, b"{}") if number > 4 else None  # fails in the 2nd batch
-        with pytest.raises(EndpointError, match=r"/completions \(prompt \d\): sampling failed.*HTTP 503"):
+        with pytest.raises(EndpointError, match=r"/completions \(prompt \d\): request failed.*HTTP 503"):
             fit(endpoint, tokenizer, prompts, count_good_words,
                 ValueModel.from_backbone(tiny_causal_lm("llama"), num_layers=1), **options)
         assert len(stored(tmp_path)) == 4  # the first batch: 2 prompts × 2 samples

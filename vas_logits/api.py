@@ -9,7 +9,7 @@ VAS needs only the base model's next-token top-k log-probabilities, never its we
 which is the processor's closed form restricted to the top k (VAS_NOTES.md), with T applied after the
 adjustment as generate()'s warpers do. Decoding stops at an EOS piece, a stop string or max_new_tokens.
 
-Each step costs one HTTP round trip, so prompts are decoded concurrently in a thread pool: while one
+Each step costs one HTTP round trip, so prompts are decoded concurrently on daemon threads: while one
 waits for its answer, others are valued or sent. Each prompt has its own random generator (seed + its
 index), so results do not depend on the scheduling.
 """
@@ -20,13 +20,12 @@ import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
-from .endpoint import CompletionsEndpoint, EndpointError
+from .endpoint import CompletionsEndpoint, EndpointError, run_concurrently
 from .processor import _check_betas
 from .text_values import TextValuer
 from .value_model import ValueModel
@@ -131,8 +130,10 @@ class VASClient:
 
         Raises:
             APIGenerationError: Some prompt failed (unreachable server, HTTP error, malformed answer, timeout);
-                its `completions` hold every result, partial texts included. On Ctrl-C the decoding threads stop
-                at their next step and the KeyboardInterrupt carries the same `completions`.
+                its `completions` hold every result, partial texts included. An unreachable server fails every
+                prompt at once. Ctrl-C raises at once, without waiting for requests in flight (the threads stop
+                at their next step); the KeyboardInterrupt carries the same `completions`, unfinished prompts
+                with finish_reason "interrupted".
         """
         if isinstance(prompts, str) or not isinstance(prompts, Iterable):
             raise ValueError(f"`prompts` must be a list of non-empty strings, got {prompts!r:.100}")
@@ -151,32 +152,34 @@ class VASClient:
 
         if not prompts:
             return []
+        # results[i] is replaced, never mutated, at each step: a copy of the list is a consistent snapshot even
+        # while abandoned threads still run.
         results = [APICompletion(prompt, "", "interrupted", 0) for prompt in prompts]
-        cancelled = threading.Event()
+        cancelled, unreachable = threading.Event(), []
         bar = tqdm(total=len(prompts), desc="VAS via API", unit="prompt", disable=not progress)
 
         def decode(index: int) -> None:
             try:
-                self._decode(index, results[index], seed + index, cancelled, **options)
+                self._decode(index, results, seed + index, cancelled, **options)
             except EndpointError as error:
-                results[index].finish_reason, results[index].error = "error", str(error)
-            except BaseException:  # a bug, a failing value model, an interrupt: the other prompts stop too
-                cancelled.set()
-                raise
+                results[index] = replace(results[index], finish_reason="error", error=str(error))
+                if error.unreachable:  # the server is down: fail every prompt now rather than each on its own
+                    unreachable.append(error)
+                    cancelled.set()
+                    return
             bar.update()
 
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)), thread_name_prefix="vas-api")
         try:
-            futures = [pool.submit(decode, index) for index in range(len(prompts))]
-            for future in futures:
-                future.result()  # re-raises anything but EndpointError (a bug, a failing value model)
-        except BaseException as error:
-            cancelled.set()
-            error.completions = results
+            run_concurrently(decode, len(prompts), min(self.concurrency, len(prompts)), cancelled)
+        except BaseException as error:  # a bug, a failing value model, Ctrl-C: every prompt's result goes with it
+            error.completions = list(results)
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+        results = list(results)
+        if unreachable:
+            results = [replace(result, finish_reason="error", error=f"not finished: {unreachable[0]}")
+                       if result.finish_reason == "interrupted" else result for result in results]
         failed = [result for result in results if result.finish_reason == "error"]
         if failed:
             raise APIGenerationError(
@@ -185,17 +188,19 @@ class VASClient:
         return results
 
     @torch.no_grad()
-    def _decode(self, index: int, result: APICompletion, seed: int, cancelled: threading.Event, *,
+    def _decode(self, index: int, results: list[APICompletion], seed: int, cancelled: threading.Event, *,
                 max_new_tokens: int, do_sample: bool, temperature: float, stops: list[str], betas: list[float]) -> None:
-        """Decode one prompt into `result`, step by step (kept current, so a failure leaves the partial text)."""
+        """Decode prompt `index`, replacing results[index] after each step (a failure leaves the partial text)."""
         valuers = [TextValuer(model, tokenizer) for model, tokenizer in zip(self.value_models, self.tokenizers)]
         generator = torch.Generator().manual_seed(seed)
-        prompt, longest_stop = result.prompt, max((len(text) for text in stops), default=0)
+        prompt, longest_stop = results[index].prompt, max((len(text) for text in stops), default=0)
+        generated = ""
         for step in range(max_new_tokens):
             if cancelled.is_set():
                 return
-            text = prompt + result.text
-            top = self.endpoint.top_logprobs(text, self.top_k, temperature, where=f"prompt {index}, step {step}")
+            text = prompt + generated
+            top = self.endpoint.top_logprobs(text, self.top_k, temperature, where=f"prompt {index}, step {step}",
+                                             cancelled=cancelled)
             pieces = list(top)
             logits = torch.tensor([top[piece] for piece in pieces], dtype=torch.float32)  # (k,)
             logits += self._adjustment(valuers, text, pieces, betas)
@@ -204,18 +209,18 @@ class VASClient:
             else:
                 choice = int(logits.argmax())
             piece = pieces[choice]
-            result.num_steps = step + 1
             if piece in self.eos_texts:
-                result.finish_reason = "stop"
+                results[index] = APICompletion(prompt, generated, "stop", step + 1)
                 return
-            start = max(0, len(result.text) - longest_stop)
-            result.text += piece
-            cut = min((position for position in (result.text.find(text, start) for text in stops) if position >= 0),
+            start = max(0, len(generated) - longest_stop)
+            generated += piece
+            cut = min((position for position in (generated.find(text, start) for text in stops) if position >= 0),
                       default=-1)
             if cut >= 0:
-                result.text, result.finish_reason = result.text[:cut], "stop"
+                results[index] = APICompletion(prompt, generated[:cut], "stop", step + 1)
                 return
-        result.finish_reason = "length"
+            results[index] = APICompletion(prompt, generated, "interrupted", step + 1)  # until it finishes
+        results[index] = APICompletion(prompt, generated, "length", max_new_tokens)
 
     def _adjustment(self, valuers: list[TextValuer], text: str, pieces: list[str], betas: list[float]) -> torch.Tensor:
         """Σ_i beta_i (Q_i − mean_K Q_i) over the pieces, (k,) float32; EOS pieces valued as the tokenizer's EOS."""

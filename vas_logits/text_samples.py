@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .endpoint import CompletionsEndpoint
+from .endpoint import CompletionsEndpoint, run_concurrently
 from .sampling import FLOAT32_MAX, RewardFn, Sample, SampleStore, score_batch
 from .text_values import common_prefix_length
 
@@ -117,22 +117,25 @@ def endpoint_sample_and_score(
     samples = []
     batches = [prompts[i : i + prompts_per_batch] for i in range(0, len(prompts), prompts_per_batch)]
     extra = dict(generation_kwargs or {})
-    with ThreadPoolExecutor(max_workers=endpoint.concurrency, thread_name_prefix="vas-fit") as pool:
-        for batch_index, batch in enumerate(tqdm(batches, desc="sampling (API)", unit="batch", disable=not progress)):
-            sampled = list(pool.map(
-                lambda item: endpoint.sample(item[1], samples_per_prompt, max_new_tokens, temperature,
-                                             where=f"prompt {item[0]}", **extra),
-                batch,
-            ))
-            completions = [completion for per_prompt in sampled for completion in per_prompt]
-            prompt_texts = [text for _, text in batch for _ in range(samples_per_prompt)]
-            rewards = score_batch(reward_fn, prompt_texts, [c.text for c in completions], store, batch, batch_index)
-            indices = [index for index, _ in batch for _ in range(samples_per_prompt)]
-            new = [tokenize_text_sample(tokenizer, index, prompt, completion.text, reward,
-                                        "stop" if completion.finish_reason == "stop" else "length")
-                   for index, prompt, completion, reward in zip(indices, prompt_texts, completions, rewards)]
-            store.append(new)
-            samples.extend(new)
+    for batch_index, batch in enumerate(tqdm(batches, desc="sampling (API)", unit="batch", disable=not progress)):
+        sampled: list = [None] * len(batch)
+
+        def sample(position: int) -> None:
+            index, text = batch[position]
+            sampled[position] = endpoint.sample(text, samples_per_prompt, max_new_tokens, temperature,
+                                                where=f"prompt {index}", cancelled=cancelled, **extra)
+
+        cancelled = threading.Event()  # the first failure (or Ctrl-C) stops the batch's other requests
+        run_concurrently(sample, len(batch), endpoint.concurrency, cancelled)
+        completions = [completion for per_prompt in sampled for completion in per_prompt]
+        prompt_texts = [text for _, text in batch for _ in range(samples_per_prompt)]
+        rewards = score_batch(reward_fn, prompt_texts, [c.text for c in completions], store, batch, batch_index)
+        indices = [index for index, _ in batch for _ in range(samples_per_prompt)]
+        new = [tokenize_text_sample(tokenizer, index, prompt, completion.text, reward,
+                                    "stop" if completion.finish_reason == "stop" else "length")
+               for index, prompt, completion, reward in zip(indices, prompt_texts, completions, rewards)]
+        store.append(new)
+        samples.extend(new)
     return samples
 
 
