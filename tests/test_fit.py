@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,8 +158,8 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path, **FIT_OPTIONS)
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
-    assert {key: state[key] for key in ("epoch", "step_in_epoch", "global_step", "best_error")} == {
-        "epoch": 0, "step_in_epoch": 2, "global_step": 2, "best_error": None}
+    assert {key: state[key] for key in ("epoch", "samples_in_epoch", "global_step", "best_error")} == {
+        "epoch": 0, "samples_in_epoch": 2 * FIT_OPTIONS["batch_size"], "global_step": 2, "best_error": None}
     assert state["training"]["lam"] == 1.0 and state["training"]["batch_size"] == FIT_OPTIONS["batch_size"]
     monkeypatch.setattr(Trainer, "losses", original)
     reward = CountingReward()
@@ -472,28 +473,86 @@ def test_resuming_uses_the_learning_rate_it_is_given(tmp_path, monkeypatch):
     assert seen and set(seen) == {1e-4}
 
 
-def test_an_interrupt_right_after_an_optimizer_step_counts_that_step(tmp_path, monkeypatch):
-    """Ctrl-C between the update and the step counter: the resumed run must not apply that batch again, so it
-    ends bit for bit where an uninterrupted run ends."""
+def _sigint_at(monkeypatch, target, name, call_number, after=False):
+    """Make the `call_number`-th call of target.name send this process a real SIGINT (as Ctrl-C does), just
+    before the call or just after it."""
+    original, calls = getattr(target, name), {"count": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == call_number and not after:
+            signal.raise_signal(signal.SIGINT)
+        result = original(*args, **kwargs)
+        if calls["count"] == call_number and after:
+            signal.raise_signal(signal.SIGINT)
+        return result
+    monkeypatch.setattr(target, name, wrapped)
+
+
+# Every point of a training step and of an epoch's end where Ctrl-C can land. Step 3 of epoch 1 (of 6 steps);
+# Trainer.losses' first call is fit()'s dry run before sampling.
+INTERRUPT_POINTS = {
+    "collating the batch": ("vas_logits.trainer", "collate", 3, False),
+    "the forward pass": (Trainer, "losses", 4, False),
+    "after the forward pass": (Trainer, "losses", 4, True),
+    "the backward pass / clipping": (torch.nn.utils, "clip_grad_norm_", 3, False),
+    "the optimizer update": (torch.optim.AdamW, "step", 3, False),
+    "after the update": (torch.optim.AdamW, "step", 3, True),
+    "the held-out evaluation": (Trainer, "evaluate", 1, False),
+    "writing the epoch's checkpoint": (Trainer, "_save_checkpoint", 1, False),
+}
+
+
+@pytest.mark.parametrize("point", INTERRUPT_POINTS)
+def test_an_interrupt_at_any_point_resumes_bit_for_bit(tmp_path, monkeypatch, point):
+    """Ctrl-C anywhere in a step or an epoch's end, then a rerun: the same weights, bit for bit, as a run that
+    was never interrupted (no batch applied twice or skipped, no evaluation lost)."""
+    import importlib
+
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     straight = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "a", **FIT_OPTIONS)
-    original, calls = torch.optim.AdamW.step, {"count": 0}
-
-    def interrupted_after(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        calls["count"] += 1
-        if calls["count"] == 3:
-            raise KeyboardInterrupt  # the update is applied; fit()'s counters have not moved yet
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_after)
-    with pytest.raises(KeyboardInterrupt):
-        fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
-    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["global_step"] == 3
-    resumed = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    target, name, call_number, after = INTERRUPT_POINTS[point]
+    target = importlib.import_module(target) if isinstance(target, str) else target
+    with monkeypatch.context() as patch:
+        _sigint_at(patch, target, name, call_number, after)
+        with pytest.raises(KeyboardInterrupt):
+            fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    reward = CountingReward()
+    resumed = fit(base, tokenizer, prompts, reward, epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
+    assert reward.calls == 0
     for (key, tensor), other in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(tensor, other), key
+
+
+def test_an_epoch_resumed_with_another_batch_size_trains_on_each_remaining_sample_once(tmp_path, monkeypatch):
+    """Interrupted after 2 steps of 4 samples, resumed with batches of 3: the epoch goes on with exactly the
+    samples it has not seen, in its order (before: the saved step count was re-read in the new units)."""
+    import vas_logits.trainer as trainer_module
+
+    tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
+    options = dict(FIT_OPTIONS, eval_fraction=0.0)
+    batches, original = [], trainer_module.collate
+
+    def recording(samples, *args):
+        batches.append([(sample.prompt_index, tuple(sample.completion_ids)) for sample in samples])
+        return original(samples, *args)
+
+    def training_batches(**kwargs):  # the batches one fit() trains on (its first collate is the dry run)
+        batches.clear()
+        fit(base, tokenizer, prompts, CountingReward(), epochs=1, **dict(options, **kwargs))
+        return batches[1:]
+
+    monkeypatch.setattr(trainer_module, "collate", recording)
+    straight = training_batches(output_dir=tmp_path / "a")
+    with monkeypatch.context() as patch:
+        _sigint_at(patch, torch.optim.AdamW, "step", 2, after=True)
+        with pytest.raises(KeyboardInterrupt):
+            training_batches(output_dir=tmp_path / "b")
+    first = batches[1:]
+    rest = training_batches(output_dir=tmp_path / "b", batch_size=3)
+    assert [len(batch) for batch in first] == [4, 4] and [len(batch) for batch in rest] == [3, 3, 3, 3, 3, 1]
+    flat = [sample for batch in first + rest for sample in batch]
+    assert flat == [sample for batch in straight for sample in batch]  # every sample once, in the epoch's order
 
 
 def test_a_tokenizer_with_the_same_name_and_size_but_other_ids_is_refused(tmp_path):

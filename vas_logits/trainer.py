@@ -6,14 +6,19 @@ fit() (fit.py) gathers the samples and builds the value model; `Trainer` runs th
            to the distributional TD(lambda) target (distributional head); AdamW; gradient-norm clipping
 
 A checkpoint (weights, best weights, optimizer and RNG state, counters and the training settings) is written
-each epoch and on Ctrl-C, and resumed only with the same settings (run_dir.py keeps the folders).
+each epoch and on Ctrl-C, and resumed only with the same settings (run_dir.py keeps the folders). Progress
+within an epoch is counted in samples, so a run resumed with another batch size goes on with the samples
+that epoch has not seen; Ctrl-C is held while an update and its counters move, so none is applied twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,25 @@ from .value_model import WEIGHTS_NAME
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: an optimizer update and the counters that
+    record it move together, so a resumed run neither repeats nor skips a batch. Only where Python's default
+    handler is installed, in the main thread (elsewhere no KeyboardInterrupt arrives)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -68,7 +92,8 @@ class Trainer:
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
         self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        # samples_in_epoch: how many of this process's samples (in the epoch's order) the current epoch has trained on
+        self.epoch, self.samples_in_epoch, self.global_step = 0, 0, 0
 
     @property
     def reward_mean(self) -> float:  # read when used: fit() standardises the rewards after the trainer is built
@@ -152,33 +177,37 @@ class Trainer:
                            "to continue it)", self.epoch, self.run.path)
         try:
             while self.epoch < epochs:
-                batches = self._epoch_batches(len(train_samples), batch_size, seed + self.epoch)
-                bar = tqdm(total=len(batches), initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{epochs}",
+                order = self._epoch_order(len(train_samples), seed + self.epoch)
+                starts = range(self.samples_in_epoch, len(order), batch_size)
+                done = -(-self.samples_in_epoch // batch_size)
+                bar = tqdm(total=done + len(starts), initial=done, desc=f"epoch {self.epoch + 1}/{epochs}",
                            unit="step", disable=not self.progress)
                 self.value_model.train()
-                for indices in batches[self.step_in_epoch :]:
+                for start in starts:
+                    indices = order[start : start + batch_size]
                     batch = collate([train_samples[i] for i in indices], self.pad_token_id, self.device)
                     loss = self.losses(batch)[0]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.max_grad_norm)
-                    self.optimizer.step()
-                    self.step_in_epoch += 1
-                    self.global_step += 1
+                    with interrupts_held():  # the update and the counters that record it, together
+                        self.optimizer.step()
+                        self.samples_in_epoch = start + len(indices)
+                        self.global_step += 1
                     bar.update()
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 bar.close()
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                metrics = self.evaluate(eval_samples, batch_size)
-                if metrics:
+                metrics = self.evaluate(eval_samples, batch_size)  # before the epoch counts as done: an
+                if metrics:                                         # interrupt here evaluates it on resume
                     logger.info("epoch %d: held-out loss %.4f, error %.4f, correlation of V with the reward %.3f",
-                                self.epoch, metrics["loss"], metrics["error"], metrics["correlation"])
+                                self.epoch + 1, metrics["loss"], metrics["error"], metrics["correlation"])
                     if self.keep_best and metrics["error"] < self.best_error:
                         self.best_error = metrics["error"]
                         self.best_state = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
+                with interrupts_held():
+                    self.epoch, self.samples_in_epoch = self.epoch + 1, 0
                 self._save_checkpoint()
         except KeyboardInterrupt:
-            self._count_applied_steps()
             self._save_checkpoint()
             logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
                            self.run.checkpoint if self.run else "(no output_dir: nothing)")
@@ -187,22 +216,12 @@ class Trainer:
             logger.info("Keeping the weights of the epoch with the lowest held-out error (%.4f)", self.best_error)
             self.value_model.load_state_dict(self.best_state)
 
-    def _count_applied_steps(self) -> None:
-        """After an interrupt: count a step whose optimizer update was applied but not yet counted, so that a
-        resumed run does not apply that batch twice. AdamW keeps its own count of applied steps."""
-        states = [self.optimizer.state[p] for group in self.optimizer.param_groups for p in group["params"]
-                  if "step" in self.optimizer.state[p]]
-        applied = int(states[0]["step"]) if states else 0
-        if applied == self.global_step + 1:
-            self.step_in_epoch += 1
-            self.global_step += 1
-
-    def _epoch_batches(self, num_samples: int, batch_size: int, seed: int) -> list[list[int]]:
-        """This process's batches: one shuffled order for all, padded so every process gets as many steps."""
+    def _epoch_order(self, num_samples: int, seed: int) -> list[int]:
+        """This process's samples in the epoch's order: one shuffled order for all, padded so that every process
+        gets as many."""
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
         order += order[: (-len(order)) % self.world_size]
-        mine = order[self.rank :: self.world_size]
-        return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        return order[self.rank :: self.world_size]
 
     @torch.no_grad()
     def evaluate(self, samples, batch_size) -> dict[str, float]:
@@ -227,12 +246,12 @@ class Trainer:
 
     def _check_settings(self, state: dict, directory: Path) -> None:
         """Refuse to continue a checkpoint trained otherwise: its weights would silently be another run's. The
-        number of epochs and the learning rate may change; the batch size only at an epoch boundary."""
+        number of epochs, the learning rate and the batch size may change."""
         stored = state.get("training")
         if stored is None:
             raise ValueError(f"The checkpoint in {directory} does not record its training settings (written before "
                              "vas_logits 0.4): delete that folder to train again on the stored samples")
-        allowed = {"batch_size"} if state["step_in_epoch"] == 0 else set()
+        allowed = {"batch_size"}
         changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in self.settings.items()
                    if key not in allowed and stored.get(key) != value]
         if changed:
@@ -252,7 +271,7 @@ class Trainer:
                 save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()}, str(folder / BEST_NAME))
             torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
                        folder / "training_state.pt")
-            state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            state = {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch, "global_step": self.global_step,
                      "best_error": self.best_error if self.best_state is not None else None,
                      "training": self.settings}
             (folder / COMPLETE_MARKER).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
@@ -282,8 +301,12 @@ class Trainer:
                             group["lr"])
             group["lr"] = learning_rate  # the optimizer's saved state would keep the old one
         torch.set_rng_state(training_state["torch_rng"].cpu())
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        if "samples_in_epoch" in state:
+            self.samples_in_epoch = state["samples_in_epoch"]
+        else:  # written by vas_logits <= 0.4: steps of the checkpoint's batch size, each full within an epoch
+            self.samples_in_epoch = state["step_in_epoch"] * state["training"]["batch_size"]
         if state.get("best_error") is not None and (directory / BEST_NAME).exists():
             self.best_error = state["best_error"]
             self.best_state = load_file(str(directory / BEST_NAME), device=str(self.device))
-        logger.info("Resuming from %s: epoch %d, step %d", directory, self.epoch, self.step_in_epoch)
+        logger.info("Resuming from %s: epoch %d, %d samples into it", directory, self.epoch, self.samples_in_epoch)
