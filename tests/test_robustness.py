@@ -10,7 +10,7 @@ from transformers import BertConfig
 
 from vas_logits import VAS, ValueModel
 
-from .helpers import BOS, PAD, VOCAB_SIZE, Spy, tiny_causal_lm, tiny_config, tiny_value_model
+from .helpers import BOS, PAD, VOCAB_SIZE, Spy, tiny_causal_lm, tiny_config, tiny_value_model, word_tokenizer
 from .test_processor import PROMPTS, assert_matches_reference, generate_with_spies
 
 CACHES = ["dynamic", "static"]
@@ -285,3 +285,34 @@ def test_weights_with_nan_are_refused_on_load(tmp_path):
     value_model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"non-finite.*layers\.0\.mlp\.up_proj\.weight"):
         ValueModel.from_pretrained(tmp_path)
+
+
+def test_a_text_past_a_gpt2_value_models_positions_is_a_clear_error():
+    """GPT-2's learned position table has 256 rows in the tests: an input past it is a ValueError naming the
+    length and the limit (before: IndexError deep in the embedding), in-process and through TextValuer; a
+    rotary value model takes the same input."""
+    from vas_logits.text_values import TextValuer
+
+    base, gpt2 = tiny_causal_lm("llama"), tiny_value_model("gpt2")
+    assert gpt2.max_positions == 256 and tiny_value_model("llama").max_positions is None
+    prompt = torch.randint(4, 60, (1, 250))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"is 257 tokens, but the value model \(gpt2\) has learned position "
+                                         r"embeddings for 256 only"):
+        base.generate(prompt, logits_processor=[VAS(gpt2, beta=1.0)], **kwargs)
+    base.generate(prompt, logits_processor=[VAS(tiny_value_model("llama"), beta=1.0)], **kwargs)
+    with pytest.raises(ValueError, match="has learned position embeddings for 256 only"):
+        TextValuer(gpt2, word_tokenizer()).values(" ".join(["w5"] * 300), [" w6", " w7"])
+
+
+def test_fit_refuses_samples_past_the_value_models_positions_and_keeps_them(tmp_path):
+    from vas_logits import fit
+
+    from .helpers import count_good_words
+
+    prompts = [" ".join(["w5"] * 250), " ".join(["w6"] * 250)]
+    with pytest.raises(ValueError, match=r"A sample of prompt \d \(prompt \+ completion\) is 25\d tokens"):
+        fit(tiny_causal_lm("llama"), word_tokenizer(), prompts, count_good_words, tiny_value_model("gpt2"),
+            samples_per_prompt=2, max_new_tokens=8, epochs=1, batch_size=4, learning_rate=1e-2, progress=False,
+            output_dir=tmp_path, eval_fraction=0.0)
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4

@@ -190,6 +190,9 @@ def fit(
         _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
     if value_model.distributional:
         _check_atoms_cover(value_model, train_samples)
+    for sample in samples:  # a GPT-2-like value model fails past its position table; the samples stay stored
+        value_model.check_length(len(sample.prompt_ids) + len(sample.completion_ids),
+                                 f"A sample of prompt {sample.prompt_index} (prompt + completion)")
 
     trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
     value_model.eval()

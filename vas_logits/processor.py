@@ -303,6 +303,9 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
                     f"Value model {index} is on {value_model.device} but the scores are on {scores.device}: "
                     f"move it with `value_model.to({str(scores.device)!r})`"
                 )
+            # the longest row has no padding: its candidates sit at position input_ids.shape[1]
+            value_model.check_length(input_ids.shape[1] + (0 if value_model.token_head else 1),
+                                     f"Value model {index}'s input at this step (prompt + generated + candidate)")
             if value_model.training and not self._warned_training:
                 logger.warning("Value model %d is in training mode (dropout active); call .eval() on it.", index)
                 self._warned_training = True

@@ -74,12 +74,15 @@ class TextValuer:
             ready for `value_model.beta_times_q(output, beta, k)`.
 
         Raises:
-            ValueError: A prefix + candidate that tokenises to no token at all.
+            ValueError: A prefix + candidate that tokenises to no token at all, or to more tokens than the value
+                model has positions for.
         """
         texts = [prefix + candidate for candidate in candidates]
         candidate_ids = self.tokenizer(texts, add_special_tokens=self.add_special_tokens)["input_ids"] if texts else []
         if not candidate_ids or min(len(ids) for ids in candidate_ids) == 0:
             raise ValueError(f"Cannot value an empty text: prefix {prefix[-40:]!r}, candidates {list(candidates)!r:.200}")
+        self.value_model.check_length(max(len(ids) for ids in candidate_ids),
+                                      f"The text to value ({prefix[-40:]!r} + a candidate)")
         # Tokens every candidate shares, leaving each at least its last token: its value is read there.
         shared = min(len(ids) for ids in candidate_ids) - 1
         for ids in candidate_ids[1:]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HEAD_TYPES = ("scalar", "distributional", "token")
+# Names of learned absolute position tables (GPT-2/GPT-J: wpe; OPT, BART: embed_positions; BERT-like, GPT-Neo)
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 
 
 def _library_version() -> str:
@@ -297,6 +300,24 @@ class ValueModel(nn.Module):
     @property
     def backbone_config(self) -> PretrainedConfig:
         return self.backbone.config
+
+    @functools.cached_property
+    def max_positions(self) -> int | None:
+        """How many positions the backbone has learned embeddings for (GPT-2: n_positions), past which it fails
+        with an IndexError; None for rotary and other relative schemes, which take any position."""
+        for name, module in self.backbone.named_modules():
+            if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+                return module.num_embeddings
+        return None
+
+    def check_length(self, length: int, what: str) -> None:
+        """Raise a ValueError naming `what` if a sequence of `length` tokens has positions past max_positions."""
+        if self.max_positions is not None and length > self.max_positions:
+            raise ValueError(
+                f"{what} is {length} tokens, but the value model ({self.backbone.config.model_type}) has learned "
+                f"position embeddings for {self.max_positions} only: shorten the prompt or max_new_tokens, or use "
+                "a value model with rotary positions (Llama, Qwen2, Mistral, GPT-NeoX)"
+            )
 
     def forward(
         self,
