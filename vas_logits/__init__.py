@@ -23,6 +23,7 @@ check_versions()  # a clear error for torch/transformers releases the package ca
 
 
 from .api import APICompletion, APIGenerationError, VASClient
+from .blockwise import BlockwiseSampler
 from .endpoint import CompletionsEndpoint, EndpointError
 from .fit import fit
 from .processor import VAS, ValueAugmentedLogitsProcessor
@@ -34,6 +35,7 @@ from .value_model import ValueModel, ValueModelConfig, ValueModelOutput
 __all__ = [
     "APICompletion",
     "APIGenerationError",
+    "BlockwiseSampler",
     "CompletionsEndpoint",
     "EndpointError",
     "TextValuer",
