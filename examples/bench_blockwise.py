@@ -9,8 +9,9 @@ examples/sentiment.py. Methods:
                  tokens, one kept by softmax(beta V) (beta = inf: the best). KL is the chain-rule bound
                  (BlockwiseSampler.kl_upper_bound) over each completion's blocks, so its points sit at or
                  right of their true KL: the gain ratio is conservative.
-    VAS          token-level rows read from bench_quality.py's quality.json (the same prompts and reward),
-                 their gain ratio recomputed against the 128-sample Best-of-N curve.
+    VAS, DPO     token-level VAS rows read from bench_quality.py's quality.json and DPO rows from
+                 bench_dpo.py's dpo.json (the same prompts, reward and KL estimator), their gain ratio
+                 recomputed against the 128-sample Best-of-N curve.
 
 Cost relative to base sampling: matmul FLOPs (base + value model forward tokens) and measured wall time.
 Every method's samples are cached as JSON lines under --cache (one line per generate() batch), so an
@@ -85,6 +86,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quality-json", type=Path, default=EXAMPLES / "results" / "quality.json",
                         help="bench_quality.py's results, whose token-level VAS rows join the table")
+    parser.add_argument("--dpo-json", type=Path, default=EXAMPLES / "results" / "dpo.json",
+                        help="bench_dpo.py's results (DPO fine-tuned on VAS's samples), which join the table too")
     parser.add_argument("--cache", type=Path, default=CACHE / "bench_blockwise")
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
     add_threads_option(parser)
@@ -143,9 +146,10 @@ def main():
         print(f"blockwise {label}: reward {reward:+.3f} ± {se:.3f}, KL ≤ {kl:.2f}, compute {compute:.1f}×, "
               f"wall {wall:.1f}×" + ("" if gain is None else f", gain ratio {gain:.2f}"), flush=True)
 
-    if args.quality_json.exists():  # token-level VAS from bench_quality.py, re-rated on this Best-of-N curve
-        for row in json.loads(args.quality_json.read_text()):
-            if row["method"].startswith("VAS scalar") and "only" not in row["method"]:
+    # token-level VAS from bench_quality.py and DPO from bench_dpo.py, re-rated on this Best-of-N curve
+    for path, wanted in ((args.quality_json, "VAS scalar"), (args.dpo_json, "DPO")):
+        for row in json.loads(path.read_text()) if path.exists() else []:
+            if row["method"].startswith(wanted) and "only" not in row["method"]:
                 row["gain_ratio"] = gain_ratio(row["reward"], row["kl"], curve)
                 results.append(Result(**row))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import DynamicCache
 
 from .compat import backbone_forward
 from .value_model import ValueModel
@@ -87,11 +88,12 @@ class BlockwiseSampler:
             raise ValueError("Blockwise sampling pads finished rows: set pad_token_id (or eos_token_id)")
         max_new_tokens = generation_config.max_length - input_ids.shape[1]
         self.value_model.check_length(generation_config.max_length, "A completed sequence")
-        return self.sample(model, input_ids, attention_mask, max_new_tokens, logits_processor, stopping_criteria,
-                           pad_token_id)
+        return self._decode(model, input_ids, attention_mask, max_new_tokens, logits_processor, stopping_criteria,
+                            pad_token_id)
 
-    def sample(self, model, input_ids, attention_mask, max_new_tokens, logits_processor, stopping_criteria,
-               pad_token_id) -> torch.LongTensor:
+    def _decode(self, model, input_ids, attention_mask, max_new_tokens, logits_processor, stopping_criteria,
+                pad_token_id) -> torch.LongTensor:
+        """Block by block until every row has stopped or max_new_tokens are generated; (R, P + T) ids."""
         rows, m = input_ids.shape[0], self.num_candidates
         # Prefill both caches with the prompt, keeping the base's next-token logits.
         logits, base_cache = _forward(model, input_ids, attention_mask, None)
@@ -153,8 +155,6 @@ def _forward(model, new_ids: torch.LongTensor, mask: torch.LongTensor, cache):
         output = model(input_ids=new_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return output.values, output.cache
     if cache is None:
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=model.config)
     output, cache = backbone_forward(model, cache, input_ids=new_ids, attention_mask=mask, position_ids=positions,
                                      use_cache=True, logits_to_keep=1)
