@@ -33,6 +33,24 @@ def subjectivity_reward(prompts: list[str], completions: list[str]) -> list[floa
     return [TextBlob(prompt + completion).sentiment.subjectivity for prompt, completion in zip(prompts, completions)]
 
 
+def effect_lines(grid: dict, sentiment_betas, subjectivity_betas) -> list[str]:
+    """Own and cross effects: how far each reward moves from the lowest to the highest beta of one value model,
+    the other's beta held fixed, with the standard error of that difference (cells taken as independent)."""
+    lines = []
+    for reward, index in (("sentiment", 0), ("subjectivity", 1)):
+        for varied, held, betas, others in (("sentiment", "subjectivity", sentiment_betas, subjectivity_betas),
+                                            ("subjectivity", "sentiment", subjectivity_betas, sentiment_betas)):
+            kind = "own" if varied == reward else "cross"
+            for other in others:
+                cell = (lambda b: grid[b, other]) if varied == "sentiment" else (lambda b: grid[other, b])
+                low, high = cell(min(betas)), cell(max(betas))
+                difference = high[index] - low[index]
+                se = (low[index + 2] ** 2 + high[index + 2] ** 2) ** 0.5
+                lines.append(f"- {kind}: {reward} moves {difference:+.3f} ± {se:.3f} as β {varied} goes "
+                             f"{min(betas):g} → {max(betas):g} (β {held} {other:g})")
+    return lines
+
+
 def write_heat_maps(grid: dict, sentiment_betas, subjectivity_betas, path: Path, title: str) -> None:
     import matplotlib
 
@@ -63,9 +81,9 @@ def write_heat_maps(grid: dict, sentiment_betas, subjectivity_betas, path: Path,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sentiment-betas", type=float, nargs="+", default=[-4, 0, 4])
-    parser.add_argument("--subjectivity-betas", type=float, nargs="+", default=[-8, 0, 8],
-                        help="larger than the sentiment betas: subjectivity spans [0, 1], VADER [-1, 1]")
+    parser.add_argument("--sentiment-betas", type=float, nargs="+", default=[-2, 0, 2],
+                        help="per standard deviation of the reward (the value models are standardised)")
+    parser.add_argument("--subjectivity-betas", type=float, nargs="+", default=[-2, 0, 2])
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--samples-per-prompt", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -108,12 +126,13 @@ def main():
     sentiment_se, subjectivity_se = (statistics.mean(g[i] for g in grid.values()) for i in (2, 3))
     note = ("Each cell: mean VADER sentiment / mean TextBlob subjectivity (standard errors about "
             f"{sentiment_se:.3f} / {subjectivity_se:.3f}).")
-    (args.output / "compose.md").write_text(f"{title}\n\n{table}\n\n{note}\n")
+    effects = "\n".join(effect_lines(grid, args.sentiment_betas, args.subjectivity_betas))
+    (args.output / "compose.md").write_text(f"{title}\n\n{table}\n\n{note}\n\n{effects}\n")
     (args.output / "compose.json").write_text(json.dumps(
         [dict(beta_sentiment=b1, beta_subjectivity=b2, sentiment=g[0], subjectivity=g[1], sentiment_se=g[2],
               subjectivity_se=g[3]) for (b1, b2), g in grid.items()], indent=1))
     write_heat_maps(grid, args.sentiment_betas, args.subjectivity_betas, args.output / "compose.png", title)
-    print(f"\n{table}\n\n{note}\nGrid in {time.perf_counter() - start:.0f} s. Wrote {args.output / 'compose.md'} "
+    print(f"\n{table}\n\n{note}\n{effects}\nGrid in {time.perf_counter() - start:.0f} s. Wrote {args.output / 'compose.md'} "
           "and compose.png")
 
 
