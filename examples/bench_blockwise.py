@@ -28,11 +28,10 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from bench_quality import Result, best_of_n, best_of_n_curve, gain_ratio, markdown_table, matmul_parameters, write_plot
+from bench_quality import Result, best_of_n, best_of_n_curve, gain_ratio, matmul_parameters, write_results
 from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
                     pad_token_id, use_threads, vader_reward)
 from tqdm.auto import tqdm
@@ -155,12 +154,7 @@ def main():
 
     title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} "
              f"tokens, T=1; value model {value_params / 1e6:.0f}M matmul params; blockwise KL: upper bound")
-    table = markdown_table(results)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "blockwise.md").write_text(f"{title}\n\n{table}\n")
-    (args.output / "blockwise.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    write_plot(results, args.output / "blockwise.png", title)
-    print(f"\n{table}\n\nWrote {args.output / 'blockwise.md'}, blockwise.png, blockwise.json")
+    write_results(results, args.output, "blockwise", title)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,16 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: list[Result], output: Path, name: str, title: str) -> None:
+    """output/name.md (the table), name.json (every row) and name.png (reward vs KL, compute, wall time)."""
+    table = markdown_table(results)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.md").write_text(f"{title}\n\n{table}\n")
+    (output / f"{name}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    write_plot(results, output / f"{name}.png", title)
+    print(f"\n{table}\n\nWrote {output / name}.md, {name}.png, {name}.json")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--value-models", nargs="+", metavar="NAME=PATH",
@@ -311,11 +321,7 @@ def main():
     sizes = ", ".join(f"{name} {params / 1e6:.0f}M" for name, params in value_params.items())
     title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
              f"T=1, k={args.top_k}; value models' matmul params: {sizes}")
-    table = markdown_table(results)
-    (args.output / "quality.md").write_text(f"{title}\n\n{table}\n")
-    (args.output / "quality.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    write_plot(results, args.output / "quality.png", title)
-    print(f"\n{table}\n\nWrote {args.output / 'quality.md'}, quality.png, quality.json")
+    write_results(results, args.output, "quality", title)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ class VASClient:
             bar.update()
 
         try:
-            run_concurrently(decode, len(prompts), min(self.concurrency, len(prompts)), cancelled)
+            run_concurrently(decode, len(prompts), self.concurrency, cancelled)
         except BaseException as error:  # a bug, a failing value model, Ctrl-C: every prompt's result goes with it
             error.completions = list(results)
             raise

@@ -122,11 +122,10 @@ class BlockwiseSampler:
                 next_logits = logits[:, -1].float()
             # V after each candidate's last real token: one forward of the block's tokens
             block_ids, block_mask = ids[:, block_start:], mask[:, block_start:]
-            output = self.value_model(input_ids=block_ids, attention_mask=mask, cache=value_cache, use_cache=True)
-            value_cache = output.cache
+            block_values, value_cache = _forward(self.value_model, block_ids, mask, value_cache)  # (R·M, B)
             real = block_mask.sum(1)  # (R·M,) tokens each candidate added (0 for rows already finished)
             last = (real - 1).clamp(min=0)
-            values = output.values.gather(1, last[:, None]).squeeze(1).view(rows, m)  # (R, M)
+            values = block_values.gather(1, last[:, None]).squeeze(1).view(rows, m)  # (R, M)
             chosen = self._choose(values, finished)  # (R,) candidate index
             keep = torch.arange(rows, device=ids.device) * m + chosen  # rows of the R·M batch to keep
             input_ids, attention_mask, finished = ids[keep], mask[keep], done[keep]

@@ -119,13 +119,13 @@ def endpoint_sample_and_score(
     extra = dict(generation_kwargs or {})
     for batch_index, batch in enumerate(tqdm(batches, desc="sampling (API)", unit="batch", disable=not progress)):
         sampled: list = [None] * len(batch)
+        cancelled = threading.Event()  # the first failure (or Ctrl-C) stops the batch's other requests
 
         def sample(position: int) -> None:
             index, text = batch[position]
             sampled[position] = endpoint.sample(text, samples_per_prompt, max_new_tokens, temperature,
                                                 where=f"prompt {index}", cancelled=cancelled, **extra)
 
-        cancelled = threading.Event()  # the first failure (or Ctrl-C) stops the batch's other requests
         run_concurrently(sample, len(batch), endpoint.concurrency, cancelled)
         completions = [completion for per_prompt in sampled for completion in per_prompt]
         prompt_texts = [text for _, text in batch for _ in range(samples_per_prompt)]
