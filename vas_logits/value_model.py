@@ -381,13 +381,16 @@ class ValueModel(nn.Module):
         chosen = embeddings[next_tokens]  # (B, n, m, H)
         return ((chosen @ query[..., None]).squeeze(-1) + self.token_bias[next_tokens]).float()
 
-    def beta_times_q(self, output: ValueModelOutput, beta: float, last: int) -> torch.Tensor:
+    def beta_times_q(self, output: ValueModelOutput, beta: float | torch.Tensor, last: int) -> torch.Tensor:
         """beta · Q for the last `last` positions of `output`, (batch, last) float32.
 
         Token head: the forward valued `last` next tokens at its last position; beta times those.
         Scalar head: beta · V. Distributional head: beta times the soft value (1/beta) log Σ_j p_j exp(beta z_j),
         i.e. log Σ_j p_j exp(beta z_j), computed stably as a logsumexp (0 at beta = 0, where Q is the mean).
+        `beta` is one float, or a (batch,) tensor of one per row (vLLM: each request brings its own).
         """
+        if isinstance(beta, torch.Tensor):
+            beta = beta.to(torch.float32).view(-1, 1, 1) if self.distributional else beta.to(torch.float32).view(-1, 1)
         if self.token_head:
             return beta * output.values[:, -1, -last:]
         if not self.distributional:
