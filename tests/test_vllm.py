@@ -32,7 +32,8 @@ TOP_K = 5
 def registry(tmp_path_factory):
     """Three saved value models: scalar Llama, distributional Qwen2 (sliding window), token-head Mistral."""
     folder = tmp_path_factory.mktemp("value_models")
-    models = {"scalar": tiny_value_model("llama", seed=1), "dist": tiny_value_model("qwen2", seed=2, head="distributional"),
+    models = {"scalar": tiny_value_model("llama", seed=1),
+              "dist": tiny_value_model("qwen2", seed=2, head="distributional"),
               "token": tiny_value_model("mistral", seed=3, head="token")}
     for name, model in models.items():
         model.save_pretrained(folder / name)
@@ -145,7 +146,8 @@ def test_bad_requests_are_rejected_naming_the_field(registry, extra_args, messag
 
 def test_good_and_unsteered_requests_pass_validation(registry):
     vas_vllm.VASLogitsProcessor.validate_params(SamplingParams())
-    vas_vllm.VASLogitsProcessor.validate_params(SamplingParams(extra_args={"vas": ["token", "dist"], "vas_beta": [1, -2]}))
+    composed = SamplingParams(extra_args={"vas": ["token", "dist"], "vas_beta": [1, -2]})
+    vas_vllm.VASLogitsProcessor.validate_params(composed)
 
 
 def test_a_value_model_of_another_vocabulary_fails_at_start(registry):
@@ -263,3 +265,44 @@ def test_settings_round_trip_through_configure(registry):
     finally:
         os.environ.clear()
         os.environ.update(environment)
+
+
+def test_fit_samples_through_a_vllm_engine_and_resumes_without_sampling_again(engine, registry, tmp_path):
+    """fit(llm, ...): n completions per prompt from the engine, in the token ids vLLM sampled, stored and
+    fingerprinted like generate()'s; a second call reuses them (no reward call) and trains the same model."""
+    from vas_logits import fit
+
+    llm, base = engine
+    tokenizer = word_tokenizer()
+    prompts = [" ".join(f"w{4 + (3 * i + j) % 90}" for j in range(2 + i % 3)) for i in range(12)]
+    calls = []
+
+    def reward(prompt_texts, completions):
+        calls.append(len(completions))
+        return [float(sum(word in {"w10", "w11", "w12", "w13"} for word in text.split())) for text in completions]
+
+    def run():
+        torch.manual_seed(0)
+        return fit(llm, tokenizer, prompts, reward, value_model=tiny_value_model("llama", seed=5), epochs=1,
+                   samples_per_prompt=3, max_new_tokens=6, output_dir=tmp_path, progress=False)
+
+    first = run()
+    assert sum(calls) == 36
+    stored = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(stored) == 36 and {s["prompt_index"] for s in stored} == set(range(12))
+    for sample in stored:
+        assert sample["prompt_ids"] == tokenizer(prompts[sample["prompt_index"]])["input_ids"]
+        assert len(sample["completion_ids"]) == 6 or sample["completion_ids"][-1] == EOS
+    fingerprint = json.loads((tmp_path / "sampling.json").read_text())
+    assert fingerprint["base_model"]["engine"] == "vllm"
+    # the samples are the engine's own: each completion is a sample vLLM can reproduce with the same seed
+    index = stored[0]["prompt_index"]
+    again = llm.generate([{"prompt_token_ids": stored[0]["prompt_ids"]}],
+                         SamplingParams(n=3, temperature=1.0, top_k=0, top_p=1.0, max_tokens=6, seed=index),
+                         use_tqdm=False)
+    assert sorted(list(c.token_ids) for c in again[0].outputs) == sorted(
+        s["completion_ids"] for s in stored if s["prompt_index"] == index)
+    second = run()
+    assert sum(calls) == 36  # nothing sampled or scored again
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)

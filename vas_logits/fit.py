@@ -1,7 +1,7 @@
 """fit(): train a value model on samples of a frozen base model with TD(lambda) (Han et al., arXiv 2405.06639).
 
-    samples  = the base model's own completions of the prompts, each scored once by reward_fn  (sampling.py),
-               sampled through an API endpoint or given as text with their rewards             (text_samples.py)
+    samples  = the base model's own completions of the prompts, each scored once by reward_fn: drawn with
+               generate(), an offline vLLM engine or an API endpoint, or given as text with rewards (samplers.py)
     targets  = TD(lambda) returns from the value model's current predictions                    (targets.py)
     loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW   (trainer.py)
 
@@ -22,10 +22,10 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .endpoint import CompletionsEndpoint
-from .run_dir import RunDirectory, describe_base_model, sampling_fingerprint
-from .sampling import RewardFn, SampleStore, sample_and_score
-from .text_samples import endpoint_sample_and_score, given_samples, read_text_samples
+from .run_dir import RunDirectory, sampling_fingerprint
+from .samplers import make_sampler
+from .sampling import RewardFn, SampleStore
+from .text_samples import read_text_samples
 from .trainer import Trainer
 from .value_model import ValueModel
 
@@ -72,15 +72,16 @@ def fit(
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
     Args:
-        base_model: A transformers causal LM (never modified); or a `CompletionsEndpoint`, to sample a model
-            reachable only through an OpenAI-compatible API; or None with `samples`.
+        base_model: A transformers causal LM (never modified); a `vllm.LLM` engine (offline vLLM: fast sampling,
+            on several GPUs with tensor_parallel_size / data_parallel_size); a `CompletionsEndpoint`, to sample a
+            model reachable only through an OpenAI-compatible API; or None with `samples`.
         tokenizer: The value model's tokenizer (for a local base model, the base's: they share it). Text from an
             endpoint or `samples` is tokenised with it.
         prompts: Prompt strings, as they are fed to the base model (apply a chat template beforehand): a list,
             a `datasets` column such as `dataset["prompt"]`, or any iterable of strings.
         reward_fn: `reward_fn(prompts, completions) -> list[float]`, called once per sampling batch.
         value_model: The model to train; default: the base's first 4 layers with a zero head (required when the
-            base model is an endpoint or None).
+            base model is a vLLM engine, an endpoint or None).
         samples: Instead of `prompts` and `reward_fn`: samples of the base model generated elsewhere (vLLM, another
             engine), as records {"prompt", "completion", "reward", optional "finish_reason": "stop" | "length"}
             in a JSON-lines file, a `datasets.Dataset` or a list of dicts. They are tokenised with `tokenizer`
@@ -119,11 +120,15 @@ def fit(
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
     prompts, records = _prompts_or_records(base_model, prompts, reward_fn, samples)
-    local = base_model is not None and not isinstance(base_model, CompletionsEndpoint)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
                      sampling_batch_size, learning_rate, eval_fraction)
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=seed, samples_per_prompt=samples_per_prompt,
+                           max_new_tokens=max_new_tokens, temperature=temperature,
+                           prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
+                           pad_token_id=pad_token_id, generation_kwargs=generation_kwargs)
+    local = sampler.local_model is not None
     if value_model is None:
         if not local:
             raise ValueError(
@@ -132,7 +137,7 @@ def fit(
             )
         num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
         value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
-    _check_vocabulary(value_model, base_model if local else None, tokenizer)
+    _check_vocabulary(value_model, sampler.vocab_size, tokenizer)
     if learning_rate is None:
         learning_rate = LEARNING_RATE_TIMES_WIDTH / value_model.backbone_config.get_text_config().hidden_size
     if value_model.distributional and gamma != 1:
@@ -141,7 +146,7 @@ def fit(
         )
     if local:
         value_model.to(base_model.device)
-    base_description = describe_base_model(base_model, records)
+    base_description = sampler.description
     base_name = getattr(base_model.config, "_name_or_path", None) if local else base_description.get("name")
     value_model.config.base_model = base_name or value_model.config.base_model
     value_model.config.reward = reward_name or _reward_label(reward_fn)
@@ -175,10 +180,6 @@ def fit(
     # Given samples are re-read from the user's own records at every call (tokenising is quick), never copied
     # into output_dir, so no half-written copy can be trained on.
     store = SampleStore(run.samples if run and records is None else None)
-    sampler = _sampler(base_model, tokenizer, reward_fn, records, samples_per_prompt=samples_per_prompt,
-                       max_new_tokens=max_new_tokens, temperature=temperature,
-                       prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
-                       pad_token_id=pad_token_id, generation_kwargs=generation_kwargs)
     samples = _collect_samples(sampler, indexed, store, rank, world_size, seed,
                                None if records else samples_per_prompt, progress)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
@@ -238,15 +239,15 @@ def _check_atoms_cover(value_model: ValueModel, samples) -> None:
 def _prompts_or_records(base_model, prompts, reward_fn, samples) -> tuple[list[str], list[dict] | None]:
     """The prompts, and the text samples' records when `samples` are given instead of sampling."""
     if isinstance(base_model, (str, os.PathLike)):
-        raise ValueError(f"`base_model` must be a loaded causal LM or a CompletionsEndpoint, got the string "
-                         f"{str(base_model)!r}: load it first, or wrap an API URL in CompletionsEndpoint(url)")
+        raise ValueError(f"`base_model` must be a loaded causal LM, a vllm.LLM or a CompletionsEndpoint, got the "
+                         f"string {str(base_model)!r}: load it first, or wrap an API URL in CompletionsEndpoint(url)")
     if samples is not None:
         if prompts is not None or reward_fn is not None:
             raise ValueError("Pass either `samples` (which carry their rewards) or `prompts` and `reward_fn`, not both")
         records = read_text_samples(samples)
         return list(dict.fromkeys(record["prompt"] for record in records)), records
     if base_model is None:
-        raise ValueError("`base_model` is None: pass a causal LM, a CompletionsEndpoint, or `samples`")
+        raise ValueError("`base_model` is None: pass a causal LM, a vllm.LLM, a CompletionsEndpoint, or `samples`")
     if not callable(reward_fn):
         raise ValueError(f"`reward_fn` must be a callable reward_fn(prompts, completions) -> floats, got {reward_fn!r}")
     return _as_prompt_list(prompts), None
@@ -295,14 +296,13 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
 
 
-def _check_vocabulary(value_model: ValueModel, base_model, tokenizer) -> None:
+def _check_vocabulary(value_model: ValueModel, base_vocab: int | None, tokenizer) -> None:
     value_vocab = value_model.backbone_config.vocab_size
-    if base_model is None:  # an endpoint or given samples: only the value model's tokenizer matters
+    if base_vocab is None:  # an endpoint or given samples: only the value model's tokenizer matters
         if len(tokenizer) > value_vocab:
             raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the value model's vocabulary only "
                              f"{value_vocab}: pass the value model's own tokenizer")
         return
-    base_vocab = base_model.get_output_embeddings().weight.shape[0]
     if value_vocab != base_vocab or len(tokenizer) > value_vocab:
         raise ValueError(
             f"The value model's vocabulary ({value_vocab}) must match the base model's ({base_vocab}) and cover "
@@ -321,25 +321,6 @@ def _setup_distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _sampler(base_model, tokenizer, reward_fn, records, **options):
-    """sample(prompts, store, progress) -> new Samples of the (index, text) prompts, appended to `store`."""
-    if records is not None:
-        return lambda prompts, store, progress: given_samples(records, tokenizer, prompts, store, progress)
-    if isinstance(base_model, CompletionsEndpoint):
-        options.pop("pad_token_id")  # the server pads for itself
-        return lambda prompts, store, progress: endpoint_sample_and_score(
-            base_model, tokenizer, prompts, reward_fn, store, progress=progress, **options)
-
-    def sample_locally(prompts, store, progress):
-        was_training = base_model.training
-        base_model.eval()
-        try:
-            return sample_and_score(base_model, tokenizer, prompts, reward_fn, store, progress=progress, **options)
-        finally:
-            base_model.train(was_training)
-    return sample_locally
 
 
 def _collect_samples(sampler, indexed, store, rank, world_size, seed, samples_per_prompt, progress):

@@ -258,7 +258,7 @@ class VASLogitsProcessor(LogitsProcessor):
     @torch.no_grad()
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (num_requests, vocab) raw scores; the steered rows are replaced by VAS's, the rest untouched."""
-        rows = [row for row in sorted(self.requests) if row < logits.shape[0]]
+        rows = [row for row in sorted(self.requests) if row < logits.shape[0] and self.requests[row].betas]
         requests = [self.requests[row] for row in rows]
         ids = [request.ids() for request in requests]
         ready = [i for i, row_ids in enumerate(ids) if -1 not in row_ids]  # async scheduling placeholders
