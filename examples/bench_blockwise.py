@@ -9,9 +9,9 @@ examples/sentiment.py. Methods:
                  tokens, one kept by softmax(beta V) (beta = inf: the best). KL is the chain-rule bound
                  (BlockwiseSampler.kl_upper_bound) over each completion's blocks, so its points sit at or
                  right of their true KL: the gain ratio is conservative.
-    VAS, DPO     token-level VAS rows read from bench_quality.py's quality.json and DPO rows from
-                 bench_dpo.py's dpo.json (the same prompts, reward and KL estimator), their gain ratio
-                 recomputed against the 128-sample Best-of-N curve.
+    VAS, DPO,    token-level VAS rows read from bench_quality.py's quality.json, DPO rows from bench_dpo.py's
+    RLOO         dpo.json and RLOO rows from bench_rloo.py's rloo.json (the same prompts, reward and KL
+                 estimator), their gain ratio recomputed against the 128-sample Best-of-N curve.
 
 Cost relative to base sampling: matmul FLOPs (base + value model forward tokens) and measured wall time.
 Every method's samples are cached as JSON lines under --cache (one line per generate() batch), so an
@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--value-model", type=Path, default=CACHE / "sentiment-4layers" / "value_model")
     parser.add_argument("--best-of", type=int, default=128, help="base samples per prompt")
     parser.add_argument("--samples-per-prompt", type=int, default=4)
-    parser.add_argument("--settings", nargs="+", default=["4x4", "8x4", "8x8", "4x8", "4x8@4", "4x16"],
+    parser.add_argument("--settings", nargs="+", default=["8x2", "4x2", "8x4", "12x4", "4x4", "8x8", "8x4@4"],
                         metavar="BxM[@beta]", help="block size x candidates, optional finite beta (default inf)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -87,6 +87,8 @@ def main():
                         help="bench_quality.py's results, whose token-level VAS rows join the table")
     parser.add_argument("--dpo-json", type=Path, default=EXAMPLES / "results" / "dpo.json",
                         help="bench_dpo.py's results (DPO fine-tuned on VAS's samples), which join the table too")
+    parser.add_argument("--rloo-json", type=Path, default=EXAMPLES / "results" / "rloo.json",
+                        help="bench_rloo.py's results (TRL RLOO with the true reward, online), which join the table")
     parser.add_argument("--cache", type=Path, default=CACHE / "bench_blockwise")
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
     add_threads_option(parser)
@@ -145,8 +147,8 @@ def main():
         print(f"blockwise {label}: reward {reward:+.3f} ± {se:.3f}, KL ≤ {kl:.2f}, compute {compute:.1f}×, "
               f"wall {wall:.1f}×" + ("" if gain is None else f", gain ratio {gain:.2f}"), flush=True)
 
-    # token-level VAS from bench_quality.py and DPO from bench_dpo.py, re-rated on this Best-of-N curve
-    for path, wanted in ((args.quality_json, "VAS scalar"), (args.dpo_json, "DPO")):
+    # token-level VAS (bench_quality.py), DPO (bench_dpo.py) and RLOO (bench_rloo.py), re-rated on this curve
+    for path, wanted in ((args.quality_json, "VAS scalar"), (args.dpo_json, "DPO"), (args.rloo_json, "RLOO")):
         for row in json.loads(path.read_text()) if path.exists() else []:
             if row["method"].startswith(wanted) and "only" not in row["method"]:
                 row["gain_ratio"] = gain_ratio(row["reward"], row["kl"], curve)
