@@ -305,14 +305,27 @@ def test_a_text_past_a_gpt2_value_models_positions_is_a_clear_error():
         TextValuer(gpt2, word_tokenizer()).values(" ".join(["w5"] * 300), [" w6", " w7"])
 
 
-def test_fit_refuses_samples_past_the_value_models_positions_and_keeps_them(tmp_path):
+def test_fit_refuses_prompts_past_the_value_models_positions_before_sampling(tmp_path):
+    """Sampled prompts: prompt + max_new_tokens is checked before any sampling (no reward call, nothing
+    stored); given samples, whose lengths are known once tokenised, are refused with the sample named."""
     from vas_logits import fit
 
     from .helpers import count_good_words
 
-    prompts = [" ".join(["w5"] * 250), " ".join(["w6"] * 250)]
-    with pytest.raises(ValueError, match=r"A sample of prompt \d \(prompt \+ completion\) is 25\d tokens"):
-        fit(tiny_causal_lm("llama"), word_tokenizer(), prompts, count_good_words, tiny_value_model("gpt2"),
+    calls = []
+
+    def reward(prompts, completions):
+        calls.append(len(completions))
+        return count_good_words(prompts, completions)
+
+    prompts = [" ".join(["w5"] * 20), " ".join(["w6"] * 250)]
+    with pytest.raises(ValueError, match=r"Prompt 1 \(251 tokens\) \+ max_new_tokens \(8\) is 259 tokens, but the "
+                                         r"value model \(gpt2\) has learned position embeddings for 256 only"):
+        fit(tiny_causal_lm("llama"), word_tokenizer(), prompts, reward, tiny_value_model("gpt2"),
             samples_per_prompt=2, max_new_tokens=8, epochs=1, batch_size=4, learning_rate=1e-2, progress=False,
             output_dir=tmp_path, eval_fraction=0.0)
-    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4
+    assert calls == [] and not (tmp_path / "samples.jsonl").exists()
+    given = [{"prompt": prompt, "completion": " w7" * 6, "reward": 1.0} for prompt in prompts]
+    with pytest.raises(ValueError, match=r"A sample of prompt 1 \(prompt \+ completion\) is 258 tokens"):
+        fit(None, word_tokenizer(), samples=given, value_model=tiny_value_model("gpt2"), epochs=1, batch_size=4,
+            progress=False, eval_fraction=0.0)

@@ -138,6 +138,11 @@ def fit(
         num_layers = min(DEFAULT_NUM_LAYERS, base_model.config.get_text_config().num_hidden_layers)
         value_model = ValueModel.from_backbone(base_model, num_layers=num_layers)
     _check_vocabulary(value_model, sampler.vocab_size, tokenizer)
+    if records is None and value_model.max_positions is not None:  # fail before sampling, not after it
+        for index, prompt in enumerate(prompts):
+            length = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            value_model.check_length(length + max_new_tokens,
+                                     f"Prompt {index} ({length} tokens) + max_new_tokens ({max_new_tokens})")
     if learning_rate is None:
         learning_rate = LEARNING_RATE_TIMES_WIDTH / value_model.backbone_config.get_text_config().hidden_size
     if value_model.distributional and gamma != 1:
@@ -191,7 +196,7 @@ def fit(
         _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
     if value_model.distributional:
         _check_atoms_cover(value_model, train_samples)
-    for sample in samples:  # a GPT-2-like value model fails past its position table; the samples stay stored
+    for sample in samples:  # given samples (or stored ones) past a GPT-2-like position table; they stay stored
         value_model.check_length(len(sample.prompt_ids) + len(sample.completion_ids),
                                  f"A sample of prompt {sample.prompt_index} (prompt + completion)")
 
