@@ -1,18 +1,27 @@
 """Throughput of VAS through an API against the number of requests in flight, with and without network latency.
 
 API mode costs one HTTP round trip per token. Decoding several prompts at once hides the round trip's
-latency behind other prompts' requests. This measures how much, against llama-cpp-python serving SmolLM2
-(one request at a time) directly and behind a local proxy that adds a fixed latency to every request, as a
-remote API would.
+latency behind other prompts' requests. This measures how much, against a server of SmolLM2 directly and
+behind a local proxy that adds a fixed latency to every request, as a remote API would:
+
+    --server llama-cpp   llama-cpp-python serving the SmolLM2 GGUF (one request at a time)
+    --server vllm        vLLM's OpenAI-compatible server (SmolLM2-135M-Instruct, float32), which batches the
+                         concurrent requests; started with --vllm-python (vLLM lives in its own environment)
 
     python examples/bench_api.py --latency-ms 0 100 --concurrency 1 2 4 8
+    python examples/bench_api.py --server vllm --vllm-python .venv-vllm/bin/python --output results/api_vllm.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -20,7 +29,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from common import EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
+from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
 from llama_server import serve, smollm2_gguf
 
 from vas_logits import CompletionsEndpoint, VASClient
@@ -65,6 +74,39 @@ class LatencyProxy:
         self.server.server_close()
 
 
+@contextlib.contextmanager
+def serve_vllm(python: str, model_dir, timeout: float = 600):
+    """vLLM's OpenAI-compatible server of `model_dir` on a free port; yields its /v1 URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
+         "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "1024"],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited ({process.returncode}); see {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vLLM's server did not start in {timeout:.0f} s; see {log.name}") from None
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0, 100])
@@ -74,6 +116,8 @@ def main():
     parser.add_argument("--beta", type=float, default=2.0)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--server", choices=["llama-cpp", "vllm"], default="llama-cpp")
+    parser.add_argument("--vllm-python", default=sys.executable, help="the Python of an environment with vLLM")
     parser.add_argument("--output", default=str(EXAMPLES / "results" / "api_concurrency.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -84,11 +128,15 @@ def main():
     prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
     lines = [f"`python examples/bench_api.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}):",
              f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; "
-             f"llama-cpp-python server (1 thread), torch {args.threads} thread(s).", "",
+             ("llama-cpp-python server (1 thread)" if args.server == "llama-cpp" else
+              "vLLM server (vllm-cpu 0.32.0, float32, batching the requests in flight)") +
+             f", torch {args.threads} thread(s) for the value model.", "",
              "| latency added | concurrency | tokens/s | ms per token per prompt | vs concurrency 1 |",
              "|---|---|---|---|---|"]
     print("\n".join(lines))
-    with serve(smollm2_gguf()) as base_url:
+    server = serve(smollm2_gguf()) if args.server == "llama-cpp" else serve_vllm(args.vllm_python,
+                                                                                  CACHE / "smollm2-135m-instruct")
+    with server as base_url:
         root = base_url[: -len("/v1")]
         for latency_ms in args.latency_ms:
             proxy = LatencyProxy(root, latency_ms / 1000) if latency_ms else None
