@@ -127,6 +127,35 @@ def test_the_same_ids_twice_recompute_the_same_adjustment(registry):
         torch.testing.assert_close(first, _expected(registry, {"vas": name}, [4, 5, 6], logits), atol=1e-4, rtol=0)
 
 
+def test_a_failing_value_model_leaves_its_rows_unsteered_for_the_step_and_recovers(registry, monkeypatch):
+    """An exception in a value model's forward (say, out of memory) must not stop the engine: that step its rows
+    keep the base scores (the other model's rows are steered), and the next step is exact again."""
+    processor = vas_vllm.VASLogitsProcessor(_VllmConfig(), torch.device("cpu"), False)
+    steering = [{"vas": "scalar"}, {"vas": "dist", "vas_beta": 2.0}]
+    outputs = [[], []]
+    processor.update_state(BatchUpdate(2, [], [(i, SamplingParams(extra_args=steering[i]), [4, 5, 6], outputs[i])
+                                               for i in range(2)], []))
+    scalar = processor.value_models["scalar"]
+    forward = type(scalar).forward
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CPU out of memory (simulated)")
+
+    monkeypatch.setattr(scalar, "forward", broken.__get__(scalar))
+    logits = torch.randn(2, VOCAB_SIZE)
+    out = processor.apply(logits.clone())
+    assert torch.equal(out[0], logits[0])  # unsteered this step
+    torch.testing.assert_close(out[1:], _expected(registry, steering[1], [4, 5, 6], logits[1:]), atol=1e-4, rtol=0)
+    monkeypatch.setattr(scalar, "forward", forward.__get__(scalar))
+    for row in range(2):
+        outputs[row].append(7)
+    logits = torch.randn(2, VOCAB_SIZE)
+    out = processor.apply(logits.clone())
+    for row in range(2):
+        torch.testing.assert_close(out[row : row + 1], _expected(registry, steering[row], [4, 5, 6, 7],
+                                                                 logits[row : row + 1]), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("extra_args, message", [
     ({"vas": "nope"}, "unregistered value models ['nope']"),
     ({"vas": "scalar", "vas_beta": "2"}, "`vas_beta` must hold finite numbers, got '2'"),

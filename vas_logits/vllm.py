@@ -272,22 +272,30 @@ class VASLogitsProcessor(LogitsProcessor):
         scores = logits[row_index]  # (R, V)
         candidate_scores, candidates = scores.topk(top_k, dim=-1)  # (R, k)
         adjustment = torch.zeros(candidate_scores.shape, dtype=torch.float32, device=logits.device)
+        failed = torch.zeros(len(rows), 1, dtype=torch.bool, device=logits.device)
         for name, value_model in self.value_models.items():
             members = [i for i, request in enumerate(requests) if name in request.betas]
             members = [i for i in members if self._fits(name, value_model, requests[i], len(ids[i]))]
             if not members:
                 continue
-            scaled = self._beta_times_q(name, value_model, [requests[i] for i in members], [ids[i] for i in members],
-                                        candidates[members])  # (m, k)
+            try:
+                scaled = self._beta_times_q(name, value_model, [requests[i] for i in members],
+                                            [ids[i] for i in members], candidates[members])  # (m, k)
+            except Exception:  # e.g. out of memory: one value model must not stop the engine for every request
+                logger.exception("Value model %r failed on this step; its %d rows are decoded unsteered this step "
+                                 "and its caches rebuilt at the next", name, len(members))
+                for i in members:
+                    requests[i].caches.pop(name, None)
+                failed[members] = True
+                continue
             adjustment[members] += scaled - scaled.mean(dim=-1, keepdim=True)
         finite = torch.isfinite(adjustment).all(dim=-1, keepdim=True)  # (R, 1)
         if not bool(finite.all()):
             self._warn_once("finite", "VAS produced non-finite adjustments (a value model overflowed or beta is too "
                                       "large); those rows were left unsteered this step")
-            adjustment = torch.where(finite, adjustment, 0.0)
         out = torch.full_like(scores, -math.inf) if self.outside_top_k == "mask" else scores.clone()
         out.scatter_(-1, candidates, (candidate_scores.float() + adjustment).to(scores.dtype))
-        logits[row_index] = out
+        logits[row_index] = torch.where(failed | ~finite, scores, out)  # unsteered rows keep the base scores
         return logits
 
     # ------------------------------------------------------------------ value model forwards
