@@ -186,7 +186,16 @@ class _Request:
     betas: dict[str, float]
     caches: dict[str, _RowCache] = field(default_factory=dict)
 
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_id(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
     def ids(self) -> list[int]:
+        """Every id so far (a copy: only the prefills need it; a decoding step reads the last id alone)."""
         return self.prompt_ids + self.output_ids
 
 
@@ -259,12 +268,12 @@ class VASLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (num_requests, vocab) raw scores; the steered rows are replaced by VAS's, the rest untouched."""
         rows = [row for row in sorted(self.requests) if row < logits.shape[0] and self.requests[row].betas]
-        requests = [self.requests[row] for row in rows]
-        ids = [request.ids() for request in requests]
-        ready = [i for i, row_ids in enumerate(ids) if -1 not in row_ids]  # async scheduling placeholders
+        # async scheduling's placeholders (-1) trail the outputs until vLLM writes the sampled ids in
+        ready = [row for row in rows if self.requests[row].output_ids[-1:] != [-1]]
         if len(ready) < len(rows):
             self._warn_once("placeholder", "Some VAS rows still held placeholder ids; they were left unsteered")
-        rows, requests, ids = [rows[i] for i in ready], [requests[i] for i in ready], [ids[i] for i in ready]
+        rows = ready
+        requests = [self.requests[row] for row in rows]
         if not rows:
             return logits
         row_index = torch.tensor(rows, device=logits.device)
@@ -275,12 +284,12 @@ class VASLogitsProcessor(LogitsProcessor):
         failed = torch.zeros(len(rows), 1, dtype=torch.bool, device=logits.device)
         for name, value_model in self.value_models.items():
             members = [i for i, request in enumerate(requests) if name in request.betas]
-            members = [i for i in members if self._fits(name, value_model, requests[i], len(ids[i]))]
+            members = [i for i in members if self._fits(name, value_model, requests[i])]
             if not members:
                 continue
             try:
                 scaled = self._beta_times_q(name, value_model, [requests[i] for i in members],
-                                            [ids[i] for i in members], candidates[members])  # (m, k)
+                                            candidates[members])  # (m, k)
             except Exception:  # e.g. out of memory: one value model must not stop the engine for every request
                 logger.exception("Value model %r failed on this step; its %d rows are decoded unsteered this step "
                                  "and its caches rebuilt at the next", name, len(members))
@@ -300,10 +309,10 @@ class VASLogitsProcessor(LogitsProcessor):
 
     # ------------------------------------------------------------------ value model forwards
 
-    def _fits(self, name: str, value_model: ValueModel, request: _Request, length: int) -> bool:
+    def _fits(self, name: str, value_model: ValueModel, request: _Request) -> bool:
         """Whether the value model's learned position table (GPT-2-like) still holds this row and its candidates;
         past it the request continues unsteered by that model (a server must not fail mid-request)."""
-        limit = value_model.max_positions
+        limit, length = value_model.max_positions, request.length
         if limit is None or length + (0 if value_model.token_head else 1) <= limit:
             return True
         request.betas.pop(name)
@@ -312,16 +321,16 @@ class VASLogitsProcessor(LogitsProcessor):
                        length)
         return False
 
-    def _beta_times_q(self, name: str, value_model: ValueModel, requests: list[_Request], ids: list[list[int]],
+    def _beta_times_q(self, name: str, value_model: ValueModel, requests: list[_Request],
                       candidates: torch.Tensor) -> torch.Tensor:
         """(m, k) beta · Q(s, a) of each row's candidates, in one forward after bringing the caches up to date."""
         device = value_model.device
-        for request, row_ids in zip(requests, ids):  # the cache must hold every id but the last
-            cache = request.caches.get(name)
-            if cache is not None and cache.length > len(row_ids) - 1:  # the same ids again (a prefill chunk)
-                cache.layers = [(k[:, :, : len(row_ids) - 1], v[:, :, : len(row_ids) - 1]) for k, v in cache.layers]
-                cache.length = len(row_ids) - 1
-        self._prefill(name, value_model, requests, ids)
+        for request in requests:  # the cache must hold every id but the last
+            cache, held = request.caches.get(name), request.length - 1
+            if cache is not None and cache.length > held:  # the same ids again (a prefill chunk)
+                cache.layers = [(k[:, :, :held], v[:, :, :held]) for k, v in cache.layers]
+                cache.length = held
+        self._prefill(name, value_model, requests)
 
         lengths = [request.caches[name].length for request in requests]
         width = max(lengths)
@@ -342,7 +351,7 @@ class VASLogitsProcessor(LogitsProcessor):
         stream.positions = (columns - (width - lengths_t)).clamp(min=0)
         stream.next_position = lengths_t + 1  # the candidates sit one past the last id
         masks, position_ids = stream.step_masks(width, siblings, [self.layouts[name]])
-        last = torch.tensor([row_ids[-1] for row_ids in ids], device=device)[:, None]  # (m, 1)
+        last = torch.tensor([request.last_id for request in requests], device=device)[:, None]  # (m, 1)
         candidates = candidates.to(device)
         step_ids = last if token_head else torch.cat([last, candidates], dim=-1)
         output = value_model(input_ids=step_ids, attention_mask=masks[0], position_ids=position_ids, cache=cache,
@@ -356,40 +365,38 @@ class VASLogitsProcessor(LogitsProcessor):
                                               for layer in output.cache.layers], length + 1)
         return scaled.to(candidates.device)
 
-    def _prefill(self, name: str, value_model: ValueModel, requests: list[_Request], ids: list[list[int]]) -> None:
+    def _prefill(self, name: str, value_model: ValueModel, requests: list[_Request]) -> None:
         """Cache every id but the last of rows that lack them: new requests together in one left-padded forward,
         a row that fell further behind (more than one new id) on its own."""
-        fresh = [i for i, request in enumerate(requests) if name not in request.caches]
         device = value_model.device
-        for i in fresh:
-            if len(ids[i]) == 1:  # nothing before the last id
-                requests[i].caches[name] = _RowCache([], 0)
-        fresh = [i for i in fresh if len(ids[i]) > 1]
+        for request in requests:
+            if name not in request.caches and request.length == 1:  # nothing before the last id
+                request.caches[name] = _RowCache([], 0)
+        fresh = [request for request in requests if name not in request.caches]
         if fresh:
-            width = max(len(ids[i]) - 1 for i in fresh)
+            prefixes = [request.ids()[:-1] for request in fresh]
+            width = max(len(prefix) for prefix in prefixes)
             input_ids = torch.zeros(len(fresh), width, dtype=torch.long, device=device)
             mask = torch.zeros(len(fresh), width, dtype=torch.long, device=device)
-            for row, i in enumerate(fresh):
-                prefix = ids[i][:-1]
+            for row, prefix in enumerate(prefixes):
                 input_ids[row, width - len(prefix):] = torch.tensor(prefix, device=device)
                 mask[row, width - len(prefix):] = 1
             output = value_model(input_ids=input_ids, attention_mask=mask, cache=DynamicCache(), use_cache=True)
-            for row, i in enumerate(fresh):
-                start = width - (len(ids[i]) - 1)
-                requests[i].caches[name] = _RowCache([(layer.keys[row : row + 1, :, start:],
-                                                       layer.values[row : row + 1, :, start:])
-                                                      for layer in output.cache.layers], len(ids[i]) - 1)
-        for request, row_ids in zip(requests, ids):
-            cache = request.caches[name]
-            if cache.length < len(row_ids) - 1:  # behind by several ids (e.g. a step it was not scheduled in)
-                behind = torch.tensor([row_ids[cache.length : -1]], device=device)
+            for row, (request, prefix) in enumerate(zip(fresh, prefixes)):
+                start = width - len(prefix)
+                request.caches[name] = _RowCache([(layer.keys[row : row + 1, :, start:],
+                                                   layer.values[row : row + 1, :, start:])
+                                                  for layer in output.cache.layers], len(prefix))
+        for request in requests:
+            cache, held = request.caches[name], request.length - 1
+            if cache.length < held:  # behind by several ids (e.g. a step it was not scheduled in)
+                behind = torch.tensor([request.ids()[cache.length : held]], device=device)
                 past = DynamicCache()
                 for layer, (keys, values) in enumerate(cache.layers):
                     past.update(keys, values, layer)
-                positions = torch.arange(cache.length, len(row_ids) - 1, device=device)[None]
+                positions = torch.arange(cache.length, held, device=device)[None]
                 output = value_model(input_ids=behind, position_ids=positions, cache=past, use_cache=True)
-                request.caches[name] = _RowCache([(layer.keys, layer.values) for layer in output.cache.layers],
-                                                 len(row_ids) - 1)
+                request.caches[name] = _RowCache([(layer.keys, layer.values) for layer in output.cache.layers], held)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
