@@ -41,12 +41,14 @@ def test_vas_fit_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["--base", str(tmp_path / "base"), "--prompts", "prompts.txt", "--reward", "rewards:good",
           "--output", "run", "--num-layers", "1", "--samples-per-prompt", "2", "--max-new-tokens", "4",
-          "--epochs", "1", "--batch-size", "4", "--learning-rate", "1e-3", "--no-progress"])
+          "--epochs", "1", "--batch-size", "4", "--learning-rate", "1e-3", "--no-progress", "--siblings", "1",
+          "--top-k", "3"])
     value_model = ValueModel.from_pretrained(tmp_path / "run" / "value_model")
     assert value_model.backbone.config.num_hidden_layers == 1
     assert value_model.config.reward == "rewards:good"
     assert value_model.config.base_model == str(tmp_path / "base")
     assert len((tmp_path / "run" / "samples.jsonl").read_text().splitlines()) == 24
+    assert len((tmp_path / "run" / "siblings-1-top3.jsonl").read_text().splitlines()) == 11 * 2  # 1 held out
 
 
 def test_every_option_is_explained_and_defaults_are_fits_own():

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sampling temperature (no top-k/top-p)")
     sampling.add_argument("--sampling-batch-size", type=int, default=_fit_default("sampling_batch_size"),
                           help="completions per generate() call; larger is faster")
+    sampling.add_argument("--siblings", type=int, default=_fit_default("siblings"),
+                          help="sibling rollouts per sample (--base only): at a random state, this many of the "
+                               "base's --top-k candidates are each rolled out and scored")
+    sampling.add_argument("--top-k", type=int, default=_fit_default("top_k"),
+                          help="the candidates sibling rollouts choose from (match VAS's top_k)")
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir=args.output, seed=args.seed, eval_fraction=args.eval_fraction,
         progress=not args.no_progress, reward_name=args.reward or None, overwrite_output_dir=args.overwrite_output,
         keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
-        keep_best=not args.last_epoch,
+        keep_best=not args.last_epoch, siblings=args.siblings, top_k=args.top_k,
     )
     logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .run_dir import RunDirectory, sampling_fingerprint
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
+from .siblings import SiblingSampler, siblings_file_name
 from .text_samples import read_text_samples
 from .trainer import Trainer
 from .value_model import ValueModel
@@ -68,6 +69,8 @@ def fit(
     keep_checkpoint: bool = False,
     standardize_rewards: bool = True,
     keep_best: bool = True,
+    siblings: int = 0,
+    top_k: int = 10,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
@@ -115,13 +118,18 @@ def fit(
             head's atoms then span the standardised training rewards.
         keep_best: Return the weights of the epoch with the lowest held-out error (mean squared error of V(s_t)
             against the reward, over every state) rather than the last epoch's.
+        siblings: Sibling rollouts per training sample (siblings.py; needs a local base model): at a random state
+            of each sample, this many of the base's `top_k` candidates are each rolled out to the end by the base
+            and scored, so the value model learns the contrast between candidates at one state that VAS uses.
+            Costs about `siblings` / 2 times the sampling. 0: none.
+        top_k: The candidates sibling rollouts choose from: match the `top_k` of the VAS processor.
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
     prompts, records = _prompts_or_records(base_model, prompts, reward_fn, samples)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction)
+                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k)
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=seed, samples_per_prompt=samples_per_prompt,
@@ -129,6 +137,9 @@ def fit(
                            prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
                            pad_token_id=pad_token_id, generation_kwargs=generation_kwargs)
     local = sampler.local_model is not None
+    if siblings and not local:
+        raise ValueError(f"`siblings={siblings}` needs a local transformers base model to roll out from (it reads the "
+                         f"base's top-k at sampled states); got {type(base_model).__name__}: pass siblings=0")
     if value_model is None:
         if not local:
             raise ValueError(
@@ -178,8 +189,9 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
+    sibling_settings = {"siblings": siblings, "top_k": top_k} if siblings else {}  # a checkpoint records them
     trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                       run, progress, keep_best)
+                       run, progress, keep_best, extra_settings=sibling_settings)
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
 
     # Given samples are re-read from the user's own records at every call (tokenising is quick), never copied
@@ -189,6 +201,19 @@ def fit(
                                None if records else samples_per_prompt, progress)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
     eval_samples = [sample for sample in samples if sample.prompt_index in eval_indices]
+    if siblings:  # rollouts of the training prompts only: the held-out error stays on the base's own samples
+        sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings,
+                                         top_k=top_k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         pad_token_id=pad_token_id,
+                                         prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
+                                         generate_batch_size=sampling_batch_size, seed=seed,
+                                         generation_kwargs=generation_kwargs)
+        sibling_store = SampleStore(run.path / siblings_file_name(siblings, top_k) if run else None)
+        training_prompts = [item for item in indexed if item[0] not in eval_indices]
+        rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
+                                    None, progress)
+        logger.info("%d sibling rollouts (%d per sample)", len(rollouts), siblings)
+        train_samples = train_samples + rollouts
     rewards = torch.tensor([sample.reward for sample in samples])
     logger.info("%d samples (%d held out); reward mean %.4f, std %.4f", len(samples), len(eval_samples),
                 rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
@@ -277,7 +302,7 @@ def _callable_name(function, qualified: bool = False) -> str:
 
 
 def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction) -> None:
+                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k) -> None:
     if len(prompts) == 0:
         raise ValueError("`prompts` must hold at least one prompt, got an empty list")
     for index, prompt in enumerate(prompts):
@@ -286,9 +311,14 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
                 if isinstance(prompt, dict) else ""
             raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}{hint}")
     for name, value in dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs,
-                            batch_size=batch_size, sampling_batch_size=sampling_batch_size).items():
+                            batch_size=batch_size, sampling_batch_size=sampling_batch_size, top_k=top_k).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    if isinstance(siblings, bool) or not isinstance(siblings, int) or siblings < 0:
+        raise ValueError(f"`siblings` must be a non-negative integer (0: no sibling rollouts), got {siblings!r}")
+    if siblings > top_k:
+        raise ValueError(f"`siblings` ({siblings}) must be at most `top_k` ({top_k}): siblings are distinct top-k "
+                         f"candidates")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
     if not 0 <= lam <= 1:

@@ -26,12 +26,16 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are trained in fl
 
 @dataclass
 class Sample:
-    """One completion of one prompt. `completion_ids` ends with EOS unless it was cut at max_new_tokens."""
+    """One completion of one prompt. `completion_ids` ends with EOS unless it was cut at max_new_tokens.
+
+    `first_state` > 0 marks a sibling rollout (siblings.py): its token at s_{first_state − 1} was not drawn by the
+    base, so only the states s_{first_state} .. s_T are trained on it."""
 
     prompt_index: int
     prompt_ids: list[int]
     completion_ids: list[int]
     reward: float
+    first_state: int = 0
 
 
 class SampleStore:

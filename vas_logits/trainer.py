@@ -65,6 +65,7 @@ class Batch:
     state_positions: torch.Tensor  # (B, S) where V(s_t) is read: the last token of prompt + t completion tokens
     lengths: torch.Tensor  # (B,) completion lengths T
     rewards: torch.Tensor  # (B,)
+    first_states: torch.Tensor  # (B,) the first state trained on (0 but for sibling rollouts)
 
 
 def collate(samples: Sequence[Sample], pad_token_id: int, device) -> Batch:
@@ -76,18 +77,26 @@ def collate(samples: Sequence[Sample], pad_token_id: int, device) -> Batch:
     state_positions = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]
     state_positions = state_positions.clamp(max=width - 1)  # past s_T: masked, any valid index will do
     rewards = torch.tensor([sample.reward for sample in samples])
+    first_states = torch.tensor([sample.first_state for sample in samples])
     return Batch(input_ids.to(device), attention_mask.to(device), state_positions.to(device), lengths.to(device),
-                  rewards.to(device))
+                  rewards.to(device), first_states.to(device))
+
+
+def trained_states(batch: Batch, num_states: int) -> torch.Tensor:
+    """(B, num_states) bool: the states each episode trains, s_{first_state} .. s_T."""
+    states = torch.arange(num_states, device=batch.lengths.device)[None, :]
+    return state_mask(batch.lengths, num_states) & (states >= batch.first_states[:, None])
 
 
 class Trainer:
     """The optimisation loop, its checkpoints and its evaluation; fit() is the public face."""
 
     def __init__(self, value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                 run: RunDirectory | None, progress, keep_best):
+                 run: RunDirectory | None, progress, keep_best, extra_settings: dict | None = None):
         self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
         self.run, self.progress, self.keep_best = run, progress and rank == 0, keep_best
+        self.extra_settings = extra_settings or {}  # recorded in checkpoints and checked on resume, like the rest
         self.best_error, self.best_state = math.inf, None  # the held-out error and weights of the best epoch
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
@@ -146,7 +155,7 @@ class Trainer:
             taken_at = batch.state_positions[:, :-1]  # (B, S - 1): where s_t ends, t < T
             q_taken = output.values[..., 0].float().gather(1, taken_at)  # (B, S - 1) = V(s_1) .. V(s_T)
             state_values = torch.cat([torch.zeros_like(q_taken[:, :1]), q_taken], dim=1)  # (B, S)
-            mask = state_mask(batch.lengths, state_values.shape[1])
+            mask = trained_states(batch, state_values.shape[1])
             mask[:, 0] = False
             targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
@@ -154,7 +163,7 @@ class Trainer:
         with autocast:
             output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
-        mask = state_mask(batch.lengths, state_values.shape[1])
+        mask = trained_states(batch, state_values.shape[1])
         if self.value_model.distributional:
             index = batch.state_positions[..., None].expand(-1, -1, output.logits.shape[-1])
             log_probs = output.logits.float().gather(1, index).log_softmax(-1)  # (B, S, A)
@@ -170,7 +179,7 @@ class Trainer:
         self.settings = {"lam": self.lam, "gamma": self.gamma, "max_grad_norm": self.max_grad_norm, "seed": seed,
                          "head": self.value_model.config.head, "batch_size": batch_size,
                          "reward_mean": self.value_model.config.reward_mean,
-                         "reward_std": self.value_model.config.reward_std}
+                         "reward_std": self.value_model.config.reward_std, **self.extra_settings}
         self._resume()
         if self.epoch >= epochs:
             logger.warning("Training already finished (%d epochs) in %s: returning that model (pass more epochs "

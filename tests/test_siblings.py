@@ -1,0 +1,128 @@
+"""Sibling rollouts (siblings.py): top-k candidates of sampled states, rolled out by the base; their returns are
+Q's; only the states from the candidate on are trained; stored and resumed; bad input."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vas_logits import fit
+from vas_logits.sampling import Sample, SampleStore
+from vas_logits.siblings import _continue, roll_out_siblings, siblings_file_name
+from vas_logits.trainer import Trainer, collate
+
+from .helpers import PAD, count_good_words, tiny_causal_lm, tiny_value_model, word_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import bench_value_learning as bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bigram():
+    base = bench.bigram_base(seed=0)
+    return base, bench.word_tokenizer(), bench.transition_matrix(base), bench.make_tasks(seed=0)
+
+
+def test_siblings_are_distinct_top_k_candidates_of_a_sampled_state_continued_to_full_length(bigram):
+    base, tokenizer, transition, tasks = bigram
+    task, new_tokens, top_k = tasks["lexicon"], 6, 5
+    generator = torch.Generator().manual_seed(0)
+    prompts = bench.random_prompts(6, seed=1)
+    samples = [Sample(index, tokenizer(prompt)["input_ids"], torch.randint(4, 96, (new_tokens,),
+                                                                            generator=generator).tolist(), 0.0)
+               for index, prompt in enumerate(prompts) for _ in range(2)]
+    rollouts = roll_out_siblings(base, tokenizer, samples, task.reward_fn(), SampleStore(None), siblings=3,
+                                 top_k=top_k, max_new_tokens=new_tokens, temperature=1.0, pad_token_id=PAD,
+                                 prompts_per_batch=4, generate_batch_size=8, seed=0, progress=False)
+    assert len(rollouts) == 3 * len(samples)
+    cuts = set()
+    for number, sample in enumerate(samples):
+        mine = rollouts[3 * number : 3 * number + 3]
+        cut = mine[0].first_state - 1
+        cuts.add(cut)
+        state_last = sample.completion_ids[cut - 1] if cut else sample.prompt_ids[-1]
+        allowed = transition[state_last].clone()  # the special tokens are suppressed: probability 0
+        top = set(allowed.topk(top_k).indices.tolist())
+        candidates = [rollout.completion_ids[cut] for rollout in mine]
+        assert len(set(candidates)) == 3 and set(candidates) <= top, (candidates, top)
+        for rollout in mine:
+            assert rollout.first_state == cut + 1 and rollout.prompt_ids == sample.prompt_ids
+            assert rollout.completion_ids[:cut] == sample.completion_ids[:cut]
+            assert len(rollout.completion_ids) == new_tokens  # nothing special is sampled, so never cut short
+            assert rollout.reward == pytest.approx(task.rewards([rollout.completion_ids])[0])
+    assert len(cuts) > 2  # the states branched from vary over the samples
+
+
+def test_the_mean_return_of_a_candidates_rollouts_is_its_exact_q(bigram):
+    base, tokenizer, transition, tasks = bigram
+    task, new_tokens, cut, candidate = tasks["temporal"], 6, 2, 33  # a setup word: worth only what follows it
+    prompt_ids = tokenizer("w5 w60 w7 w9")["input_ids"]
+    sample = Sample(0, prompt_ids, [12, 70, 8, 9, 10, 11], 0.0)
+    rows = [(sample, cut, candidate)] * 3000
+    torch.manual_seed(0)
+    completions = _continue(base, rows, new_tokens, PAD, {bench.EOS}, dict(do_sample=True, top_k=0, top_p=1.0,
+                                                                          pad_token_id=PAD), batch_size=1000)
+    returns = torch.tensor(task.rewards(completions), dtype=torch.float64)
+    input_ids = torch.tensor([prompt_ids + sample.completion_ids[:cut]])
+    exact = bench.ExactQ(transition, task, len(prompt_ids), new_tokens, beta=1.0).q_values(
+        input_ids, torch.tensor([[candidate]]))[0, 0].item()
+    standard_error = returns.std().item() / len(returns) ** 0.5
+    assert abs(returns.mean().item() - exact) < 4 * standard_error, (returns.mean().item(), exact, standard_error)
+    assert all(completion[: cut + 1] == [12, 70, candidate] for completion in completions)
+
+
+def test_only_the_states_from_the_candidate_on_are_trained_on_a_sibling_rollout():
+    value_model = tiny_value_model("llama")
+    trainer = Trainer(value_model, 1e-3, 1.0, 1.0, 1.0, PAD, 0, 1, None, False, False)
+    plain, sibling = Sample(0, [5, 6], [7, 8, 9, 10], 1.0), Sample(0, [5, 6], [7, 8, 11, 12], 2.0, first_state=3)
+    _, _, _, mask = trainer.losses(collate([plain, sibling], PAD, value_model.device))
+    assert mask[0].tolist() == [True] * 5
+    assert mask[1].tolist() == [False, False, False, True, True]  # s_3 = s_2 ∘ candidate, and s_4
+
+
+def counting(reward_fn):
+    calls = []
+
+    def reward(prompts, completions):
+        calls.append(len(completions))
+        return reward_fn(prompts, completions)
+
+    return reward, calls
+
+
+FIT = dict(samples_per_prompt=2, max_new_tokens=4, epochs=1, batch_size=8, progress=False, seed=0)
+
+
+def test_fit_with_siblings_stores_them_and_a_second_call_reuses_them(tmp_path):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]  # 2 held out (eval_fraction 0.1)
+    reward, calls = counting(count_good_words)
+    fit(base, tokenizer, prompts, reward, siblings=2, top_k=4, output_dir=tmp_path, **FIT)
+    lines = (tmp_path / siblings_file_name(2, 4)).read_text().splitlines()
+    assert len(lines) == 18 * 2 * 2  # training prompts × samples × siblings
+    assert all(json.loads(line)["first_state"] >= 1 for line in lines)
+    assert sum(calls) == 20 * 2 + len(lines)
+    calls.clear()
+    fit(base, tokenizer, prompts, reward, siblings=2, top_k=4, output_dir=tmp_path, **{**FIT, "epochs": 2})
+    assert calls == []  # the samples and the rollouts are reused
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(siblings=-1), "`siblings` must be a non-negative integer"),
+    (dict(siblings=True), "`siblings` must be a non-negative integer"),
+    (dict(siblings=5, top_k=4), r"`siblings` \(5\) must be at most `top_k` \(4\)"),
+    (dict(top_k=0), "`top_k` must be a positive integer"),
+])
+def test_bad_sibling_options_are_a_clear_error(change, message):
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_causal_lm("llama"), word_tokenizer(), ["w5 w6"], count_good_words, **{**FIT, **change})
+
+
+def test_siblings_need_a_local_base_model():
+    records = [{"prompt": "w5 w6", "completion": " w7 w8", "reward": 1.0}] * 2
+    with pytest.raises(ValueError, match="`siblings=2` needs a local transformers base model"):
+        fit(None, word_tokenizer(), samples=records, siblings=2,
+            value_model=tiny_value_model("llama"),
+            epochs=1, progress=False)
