@@ -148,16 +148,24 @@ class ExactQ(LogitsProcessor):
     """
 
     def __init__(self, transition: torch.Tensor, task: Task, prompt_length: int, new_tokens: int, beta: float,
-                 top_k: int = 10, outside_top_k: str = "keep"):
+                 top_k: int = 10, outside_top_k: str = "keep", soft: bool = False):
         self.task, self.prompt_length, self.new_tokens = task, prompt_length, new_tokens
         self.beta, self.top_k, self.outside_top_k = beta, top_k, outside_top_k
+        # soft: Q is the soft value (1/beta) log E[exp(beta R) | s∘a] instead of E[R | s∘a]: then the closed form
+        # is the token-level factorisation of the sequence-level optimum pi_ref(y) exp(beta R(y)) / Z
+        # (on the top k). future[n] holds the expected (or soft) reward of the n tokens after the candidate.
+        def expectation(values: torch.Tensor) -> torch.Tensor:  # over the next token y of each row x
+            if not soft:
+                return transition @ values
+            shift = values.max()  # log-sum-exp over y of P[x, y] exp(beta values[y]), stably
+            return shift + (transition @ (beta * (values - shift)).exp()).log() / beta
+
         if task.word_weights is not None:
-            # future[n][x]: expected sum of weights over the n tokens after x
             self.future = [torch.zeros(VOCAB_SIZE, dtype=torch.float64)]
             for _ in range(new_tokens):
-                self.future.append(transition @ (task.word_weights + self.future[-1]))
+                self.future.append(expectation(task.word_weights + self.future[-1]))
             return
-        # temporal: future[n][x, u]: expected reward of the n tokens after x, u = 1 once a setup word was seen
+        # temporal: future[n][x, u]: the reward of the n tokens after x, u = 1 once a setup word was seen
         self.is_setup = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
         self.is_setup[SETUP] = True
         self.is_payoff = torch.zeros(VOCAB_SIZE, dtype=torch.float64)
@@ -168,7 +176,7 @@ class ExactQ(LogitsProcessor):
             # token y in state u earns u · payoff(y); the state is then 1 if u = 1 or y is a setup word
             value_after = torch.stack([previous[:, 0].where(~self.is_setup, previous[:, 1]),
                                        self.is_payoff + previous[:, 1]], -1)  # (y, u)
-            self.future.append(transition @ value_after)
+            self.future.append(torch.stack([expectation(value_after[:, u]) for u in range(2)], -1))
 
     def q_values(self, input_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B, k) float64 exact Q of each candidate as completion token t (t tokens generated so far)."""
@@ -261,6 +269,18 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     exact = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
                                        ExactQ(transition, task, prompt_length, args.new_tokens, beta, args.top_k),
                                        **common)) for beta in args.exact_betas]
+    ceiling = {}
+    if getattr(args, "ceiling", False):  # the closed form's own limits: the soft value, and selection
+        ceiling["soft"] = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
+                                                     ExactQ(transition, task, prompt_length, args.new_tokens, beta,
+                                                            args.top_k, soft=True), **common))
+                           for beta in args.exact_betas]
+        ceiling["best_of"] = best_of_n_curve(base, tokenizer, task, unseen, args)
+        bon = [dict(kl=p["kl"], reward=p["reward"]) for p in ceiling["best_of"]]
+        for name in ("exact", "soft"):
+            points = exact if name == "exact" else ceiling["soft"]
+            ceiling[f"{name}_vs_best_of"] = [dict(beta=p["beta"], kl=p["kl"], ratio=ratio_below(p, bon, base_point))
+                                             for p in points]
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     value_model = None
@@ -277,7 +297,36 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     gain_ratios(fitted, exact, base_point["reward"])
     return {"task": task.name, "budget": budget, "samples": len(train) * fit_options.get("samples_per_prompt", 4),
             "fit_seconds": fit_seconds, "base": base_point, "exact": exact, "fitted": fitted,
-            "headline": headline(fitted, args.min_kl)}
+            "headline": headline(fitted, args.min_kl), **ceiling}
+
+
+@torch.no_grad()
+def best_of_n_curve(base, tokenizer, task: Task, prompts: list[str], args, samples: int = 32) -> list[dict]:
+    """Best-of-N for N = 1, 2, 4 .. `samples`: the expected best reward of N base samples per prompt, estimated
+    without bias from `samples` per prompt (the mean best of every N-subset), at KL = log N − (N − 1) / N."""
+    input_ids = torch.tensor(tokenizer(prompts)["input_ids"])
+    torch.manual_seed(args.seed + 1)
+    output = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=0, top_p=1.0,
+                           num_return_sequences=samples, max_new_tokens=args.new_tokens, pad_token_id=PAD)
+    rewards = torch.tensor(task.rewards(output[:, input_ids.shape[1] :].tolist()), dtype=torch.float64)
+    ordered = rewards.view(len(prompts), samples).sort(-1).values  # ascending
+    curve, n = [], 1
+    while n <= samples:
+        # P(the i-th smallest of `samples` is the best of a random N-subset) = C(i − 1, N − 1) / C(samples, N)
+        weights = torch.tensor([math.comb(i, n - 1) / math.comb(samples, n) for i in range(samples)],
+                               dtype=torch.float64)
+        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, reward=(ordered * weights).sum(-1).mean().item()))
+        n *= 2
+    return curve
+
+
+def ratio_below(point: dict, curve: list[dict], base_point: dict) -> float:
+    """A point's gain over base sampling against Best-of-N's gain over its own N = 1 at the same KL (each gain
+    from its own samples of the base); NaN past the curve's last KL."""
+    if point["kl"] > max(p["kl"] for p in curve):
+        return float("nan")
+    gain = interpolate(curve, point["kl"]) - curve[0]["reward"]
+    return (point["reward"] - base_point["reward"]) / gain if gain > 1e-9 else float("nan")
 
 
 def markdown(results: list[dict], args, label: str) -> str:
@@ -294,6 +343,17 @@ def markdown(results: list[dict], args, label: str) -> str:
         every = ", ".join(f"{p['kl']:.2f}→{p['ratio']:.2f}" for p in result["fitted"])
         lines.append(f"| {result['task']} | {result['samples']} | {result['fit_seconds']:.0f} | "
                      f"{result['base']['reward']:.3f} | {exact} | {best_text} | {every} |")
+    ceilings = [result for result in results if "best_of" in result]
+    if ceilings:
+        lines += ["", "The closed form's own ceiling against Best-of-N (32 base samples per prompt, unbiased; KL "
+                  "log N − (N−1)/N, an upper bound), gain ratios at each β's measured KL (blank past N = 32):", "",
+                  "| task | Best-of-N: R at KL (N) | exact Q: KL → ratio to Best-of-N | exact soft Q: KL → ratio |",
+                  "|---|---|---|---|"]
+        for result in ceilings:
+            bon = ", ".join(f"{p['reward']:.2f}@{p['kl']:.2f} ({p['n']})" for p in result["best_of"])
+            cells = [", ".join(f"{p['kl']:.2f}→{p['ratio']:.2f}" for p in result[f"{name}_vs_best_of"]
+                               if not math.isnan(p["ratio"])) for name in ("exact", "soft")]
+            lines.append(f"| {result['task']} | {bon} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,6 +378,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="value_learning")
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure the closed form with the exact soft value, and Best-of-N, against each other")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """examples/bench_value_learning.py: its exact Q is exact, and fit() keeps learning what it can learn there."""
 
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -17,8 +18,9 @@ def setting():
     return base, bench.word_tokenizer(), bench.transition_matrix(base), bench.make_tasks(seed=0)
 
 
-def brute_force_q(transition, task, prefix, candidate, new_tokens):
-    """E[R | completion starts with prefix + [candidate]], summing over every continuation."""
+def brute_force_q(transition, task, prefix, candidate, new_tokens, soft_beta=None):
+    """E[R | completion starts with prefix + [candidate]], summing over every continuation; with soft_beta the
+    soft value (1/beta) log E[exp(beta R) | ...]."""
     remaining = new_tokens - len(prefix) - 1
     total = 0.0
     for rest in itertools.product(bench.WORDS, repeat=remaining):
@@ -27,23 +29,26 @@ def brute_force_q(transition, task, prefix, candidate, new_tokens):
         for token in rest:
             probability *= float(transition[previous, token])
             previous = token
-        total += probability * task.rewards([completion])[0]
-    return total
+        reward = task.rewards([completion])[0]
+        total += probability * (reward if soft_beta is None else math.exp(soft_beta * reward))
+    return total if soft_beta is None else math.log(total) / soft_beta
 
 
 @pytest.mark.parametrize("task_name", ["count", "lexicon", "temporal"])
 @pytest.mark.parametrize("generated", [0, 1, 2])
-def test_exact_q_equals_the_sum_over_every_continuation(setting, task_name, generated):
+@pytest.mark.parametrize("soft", [False, True])
+def test_exact_q_equals_the_sum_over_every_continuation(setting, task_name, generated, soft):
     base, tokenizer, transition, tasks = setting
-    task, new_tokens = tasks[task_name], 3
+    task, new_tokens, beta = tasks[task_name], 3, 1.7
     prompt = tokenizer(["w5 w60 w7 w33"], return_tensors="pt")["input_ids"]
     prefix = [32, 50][:generated]  # a setup word first: the temporal reward's both states are reached
     input_ids = torch.cat([prompt, torch.tensor([prefix], dtype=torch.long)], dim=1)
-    processor = bench.ExactQ(transition, task, prompt.shape[1], new_tokens, beta=1.0)
+    processor = bench.ExactQ(transition, task, prompt.shape[1], new_tokens, beta=beta, soft=soft)
     candidates = torch.tensor([[11, 40, 95, 33]])
     q = processor.q_values(input_ids, candidates)[0]
     for value, candidate in zip(q.tolist(), candidates[0].tolist()):
-        assert value == pytest.approx(brute_force_q(transition, task, prefix, candidate, new_tokens), abs=1e-9)
+        expected = brute_force_q(transition, task, prefix, candidate, new_tokens, beta if soft else None)
+        assert value == pytest.approx(expected, abs=1e-9)
 
 
 def test_the_base_is_context_free_and_every_completion_has_the_full_length(setting):
@@ -84,3 +89,22 @@ def test_fit_at_its_defaults_captures_most_of_the_exact_gain(task_name):
     best = result["headline"]
     assert best is not None, result["fitted"]  # some beta <= 4 moves the policy at least 0.5 nats
     assert best["ratio"] >= 0.7, best
+
+
+def test_best_of_n_is_the_mean_best_of_every_subset(setting):
+    import argparse
+
+    base, tokenizer, transition, tasks = setting
+    args = argparse.Namespace(seed=0, new_tokens=4)
+    curve = bench.best_of_n_curve(base, tokenizer, tasks["lexicon"], ["w5 w6", "w7 w8"], args, samples=8)
+    input_ids = torch.tensor(tokenizer(["w5 w6", "w7 w8"])["input_ids"])
+    torch.manual_seed(1)  # the curve's own draw, repeated
+    output = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=0,
+                           top_p=1.0, num_return_sequences=8, max_new_tokens=4, pad_token_id=bench.PAD)
+    rewards = torch.tensor(tasks["lexicon"].rewards(output[:, input_ids.shape[1]:].tolist())).view(2, 8)
+    for point in curve:
+        subsets = list(itertools.combinations(range(8), point["n"]))
+        expected = sum(max(row[list(subset)].tolist()) for row in rewards for subset in subsets) / (2 * len(subsets))
+        assert point["reward"] == pytest.approx(expected, abs=1e-6)
+        assert point["kl"] == pytest.approx(math.log(point["n"]) - (point["n"] - 1) / point["n"])
+    assert [point["n"] for point in curve] == [1, 2, 4, 8]
