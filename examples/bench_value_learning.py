@@ -379,7 +379,7 @@ def main() -> None:
     parser.add_argument("--name", default="value_learning")
     parser.add_argument("--plot", action="store_true")
     parser.add_argument("--ceiling", action="store_true",
-                        help="also measure the closed form with the exact soft value, and Best-of-N, against each other")
+                        help="also measure the closed form with the exact soft value, and Best-of-N")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ import torch
 
 from vas_logits import fit
 from vas_logits.sampling import Sample, SampleStore
+from vas_logits.rollin import round_file_name
 from vas_logits.siblings import _continue, roll_out_siblings, siblings_file_name
 from vas_logits.trainer import Trainer, collate
 
@@ -114,15 +115,59 @@ def test_fit_with_siblings_stores_them_and_a_second_call_reuses_them(tmp_path):
     (dict(siblings=True), "`siblings` must be a non-negative integer"),
     (dict(siblings=5, top_k=4), r"`siblings` \(5\) must be at most `top_k` \(4\)"),
     (dict(top_k=0), "`top_k` must be a positive integer"),
+    (dict(rounds=0), "`rounds` must be a positive integer"),
+    (dict(rollin_beta=0.0), "`rollin_beta` must be a finite number > 0"),
+    (dict(rollin_beta=float("inf")), "`rollin_beta` must be a finite number > 0"),
 ])
 def test_bad_sibling_options_are_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
         fit(tiny_causal_lm("llama"), word_tokenizer(), ["w5 w6"], count_good_words, **{**FIT, **change})
 
 
-def test_siblings_need_a_local_base_model():
+@pytest.mark.parametrize("change,message", [(dict(siblings=2), "`siblings=2` needs a local transformers base model"),
+                                            (dict(rounds=2), "`rounds=2` needs a local transformers base model")])
+def test_siblings_and_rounds_need_a_local_base_model(change, message):
     records = [{"prompt": "w5 w6", "completion": " w7 w8", "reward": 1.0}] * 2
-    with pytest.raises(ValueError, match="`siblings=2` needs a local transformers base model"):
-        fit(None, word_tokenizer(), samples=records, siblings=2,
-            value_model=tiny_value_model("llama"),
-            epochs=1, progress=False)
+    with pytest.raises(ValueError, match=message):
+        fit(None, word_tokenizer(), samples=records, value_model=tiny_value_model("llama"), epochs=1, progress=False,
+            **change)
+
+
+# ---------------------------------------------------------------------- roll-in rounds (rollin.py)
+
+
+def test_rounds_roll_in_with_vas_roll_out_with_the_base_and_more_rounds_continue_the_run(tmp_path):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]  # 18 training prompts
+    reward, calls = counting(count_good_words)
+    options = dict(FIT, output_dir=tmp_path, keep_checkpoint=True, siblings=1, top_k=4)
+    fit(base, tokenizer, prompts, reward, rounds=2, rollin_beta=3.0, **options)
+    round_two = (tmp_path / round_file_name(2, 1, 4, 3.0)).read_text().splitlines()
+    assert len(round_two) == 18 * 2  # training prompts × samples per prompt × 1 rollout
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2  # 1 per round
+    assert sum(calls) == 20 * 2 + 18 * 2 + len(round_two)
+    calls.clear()
+    fit(base, tokenizer, prompts, reward, rounds=3, rollin_beta=3.0, **options)  # one more round, nothing redone
+    assert sum(calls) == len((tmp_path / round_file_name(3, 1, 4, 3.0)).read_text().splitlines()) == 18 * 2
+    assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 3
+
+
+def test_a_roll_in_is_steered_by_the_value_model(bigram):
+    base, tokenizer, transition, tasks = bigram
+    from vas_logits import ValueModel
+    from vas_logits.rollin import RollInSampler
+
+    value_model = ValueModel.from_backbone(base, num_layers=1)
+    with torch.no_grad():  # V = 50 × [the last token is w10]: VAS at beta 1 all but forces w10 when it is top-k
+        value_model.head.weight.zero_()
+    hidden = value_model.backbone(input_ids=torch.tensor([[10]])).last_hidden_state[0, -1].detach()
+    with torch.no_grad():
+        value_model.head.weight[0] = 50 * hidden / hidden.norm() ** 2
+    sampler = RollInSampler(base, tokenizer, tasks["count"].reward_fn(), value_model, beta=1.0, siblings=1, top_k=96,
+                            samples_per_prompt=4, max_new_tokens=6, temperature=1.0, pad_token_id=PAD,
+                            prompts_per_batch=8, generate_batch_size=32, seed=0)
+    prompts = list(enumerate(bench.random_prompts(8, seed=3)))
+    torch.manual_seed(0)
+    roll_ins = sampler._roll_in(prompts, progress=False)
+    steered = sum(sample.completion_ids.count(10) for sample in roll_ins) / len(roll_ins)
+    assert steered > 3, steered  # the base alone draws w10 about 6 × 1/92 times in 6 tokens

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "base's --top-k candidates are each rolled out and scored")
     sampling.add_argument("--top-k", type=int, default=_fit_default("top_k"),
                           help="the candidates sibling rollouts choose from (match VAS's top_k)")
+    sampling.add_argument("--rounds", type=int, default=_fit_default("rounds"),
+                          help="roll-in rounds (--base only): after the first, roll in with VAS under the value model "
+                               "so far, roll out with the base, pool and train --epochs more")
+    sampling.add_argument("--rollin-beta", type=float, default=_fit_default("rollin_beta"),
+                          help="the VAS beta of the roll-ins (per standard deviation of the reward)")
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         output_dir=args.output, seed=args.seed, eval_fraction=args.eval_fraction,
         progress=not args.no_progress, reward_name=args.reward or None, overwrite_output_dir=args.overwrite_output,
         keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
-        keep_best=not args.last_epoch, siblings=args.siblings, top_k=args.top_k,
+        keep_best=not args.last_epoch, siblings=args.siblings, top_k=args.top_k, rounds=args.rounds,
+        rollin_beta=args.rollin_beta,
     )
     logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from .run_dir import RunDirectory, sampling_fingerprint
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
+from .rollin import RollInSampler, round_file_name
 from .siblings import SiblingSampler, siblings_file_name
 from .text_samples import read_text_samples
 from .trainer import Trainer
@@ -71,6 +72,8 @@ def fit(
     keep_best: bool = True,
     siblings: int = 0,
     top_k: int = 10,
+    rounds: int = 1,
+    rollin_beta: float = 2.0,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
@@ -123,13 +126,18 @@ def fit(
             and scored, so the value model learns the contrast between candidates at one state that VAS uses.
             Costs about `siblings` / 2 times the sampling. 0: none.
         top_k: The candidates sibling rollouts choose from: match the `top_k` of the VAS processor.
+        rounds: Roll-in rounds (rollin.py; needs a local base model). Round 1 trains on the base's samples; each
+            later round rolls in with VAS under the current value model (`rollin_beta`, `top_k`), rolls out
+            max(1, `siblings`) top-k candidates with the frozen base from a random state of each roll-in, pools
+            those returns with the earlier rounds' data and trains `epochs` more epochs.
+        rollin_beta: The VAS beta of the roll-ins (per standard deviation of the reward).
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
     prompts, records = _prompts_or_records(base_model, prompts, reward_fn, samples)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k)
+                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k, rounds, rollin_beta)
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=seed, samples_per_prompt=samples_per_prompt,
@@ -140,6 +148,9 @@ def fit(
     if siblings and not local:
         raise ValueError(f"`siblings={siblings}` needs a local transformers base model to roll out from (it reads the "
                          f"base's top-k at sampled states); got {type(base_model).__name__}: pass siblings=0")
+    if rounds > 1 and not local:
+        raise ValueError(f"`rounds={rounds}` needs a local transformers base model to roll in and out with; got "
+                         f"{type(base_model).__name__}: pass rounds=1")
     if value_model is None:
         if not local:
             raise ValueError(
@@ -189,7 +200,9 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
-    sibling_settings = {"siblings": siblings, "top_k": top_k} if siblings else {}  # a checkpoint records them
+    sibling_settings = {"siblings": siblings, "top_k": top_k} if siblings or rounds > 1 else {}  # in checkpoints
+    if rounds > 1:
+        sibling_settings.update(rounds=rounds, rollin_beta=rollin_beta)
     trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
                        run, progress, keep_best, extra_settings=sibling_settings)
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
@@ -201,31 +214,41 @@ def fit(
                                None if records else samples_per_prompt, progress)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
     eval_samples = [sample for sample in samples if sample.prompt_index in eval_indices]
-    if siblings:  # rollouts of the training prompts only: the held-out error stays on the base's own samples
-        sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings,
-                                         top_k=top_k, max_new_tokens=max_new_tokens, temperature=temperature,
-                                         pad_token_id=pad_token_id,
-                                         prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
-                                         generate_batch_size=sampling_batch_size, seed=seed,
-                                         generation_kwargs=generation_kwargs)
-        sibling_store = SampleStore(run.path / siblings_file_name(siblings, top_k) if run else None)
-        training_prompts = [item for item in indexed if item[0] not in eval_indices]
-        rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
-                                    None, progress)
-        logger.info("%d sibling rollouts (%d per sample)", len(rollouts), siblings)
-        train_samples = train_samples + rollouts
     rewards = torch.tensor([sample.reward for sample in samples])
     logger.info("%d samples (%d held out); reward mean %.4f, std %.4f", len(samples), len(eval_samples),
                 rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
     if standardize_rewards and not bool(value_model.head.weight.any()):  # a fresh head: set its units now
         _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
-    if value_model.distributional:
-        _check_atoms_cover(value_model, train_samples)
     for sample in samples:  # given samples (or stored ones) past a GPT-2-like position table; they stay stored
         value_model.check_length(len(sample.prompt_ids) + len(sample.completion_ids),
                                  f"A sample of prompt {sample.prompt_index} (prompt + completion)")
-
-    trainer.train(train_samples, eval_samples, epochs, batch_size, seed)
+    training_prompts = [item for item in indexed if item[0] not in eval_indices]
+    rollout_options = dict(top_k=top_k, max_new_tokens=max_new_tokens, temperature=temperature,
+                           pad_token_id=pad_token_id, generate_batch_size=sampling_batch_size,
+                           prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
+                           generation_kwargs=generation_kwargs)
+    if siblings:  # rollouts of the training prompts only: the held-out error stays on the base's own samples
+        sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings, seed=seed,
+                                         **rollout_options)
+        sibling_store = SampleStore(run.path / siblings_file_name(siblings, top_k) if run else None)
+        rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
+                                    None, progress)
+        logger.info("%d sibling rollouts (%d per sample)", len(rollouts), siblings)
+        train_samples = train_samples + rollouts
+    for round_index in range(1, rounds + 1):
+        if round_index > 1:  # roll in with VAS under the value model so far, roll out with the base
+            round_sampler = RollInSampler(base_model, tokenizer, reward_fn, value_model, beta=rollin_beta,
+                                          siblings=siblings, samples_per_prompt=samples_per_prompt,
+                                          seed=seed + 1000 * round_index, **rollout_options)
+            round_store = SampleStore(run.path / round_file_name(round_index, max(1, siblings), top_k, rollin_beta)
+                                      if run else None)
+            rollouts = _collect_samples(round_sampler, training_prompts, round_store, rank, world_size,
+                                        seed + 1000 * round_index, None, progress)
+            logger.info("Round %d: %d rollouts from VAS roll-ins (beta %g)", round_index, len(rollouts), rollin_beta)
+            train_samples = train_samples + rollouts
+        if value_model.distributional:
+            _check_atoms_cover(value_model, train_samples)
+        trainer.train(train_samples, eval_samples, epochs * round_index, batch_size, seed, final=round_index == rounds)
     value_model.eval()
     if run is not None and rank == 0:
         value_model.save_pretrained(run.final)
@@ -302,7 +325,7 @@ def _callable_name(function, qualified: bool = False) -> str:
 
 
 def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k) -> None:
+                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k, rounds, rollin_beta) -> None:
     if len(prompts) == 0:
         raise ValueError("`prompts` must hold at least one prompt, got an empty list")
     for index, prompt in enumerate(prompts):
@@ -311,7 +334,8 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
                 if isinstance(prompt, dict) else ""
             raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}{hint}")
     for name, value in dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs,
-                            batch_size=batch_size, sampling_batch_size=sampling_batch_size, top_k=top_k).items():
+                            batch_size=batch_size, sampling_batch_size=sampling_batch_size, top_k=top_k,
+                            rounds=rounds).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     if isinstance(siblings, bool) or not isinstance(siblings, int) or siblings < 0:
@@ -319,6 +343,9 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
     if siblings > top_k:
         raise ValueError(f"`siblings` ({siblings}) must be at most `top_k` ({top_k}): siblings are distinct top-k "
                          f"candidates")
+    if isinstance(rollin_beta, bool) or not isinstance(rollin_beta, (int, float)) or not rollin_beta > 0 \
+            or not math.isfinite(rollin_beta):
+        raise ValueError(f"`rollin_beta` must be a finite number > 0, got {rollin_beta!r}")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
     if not 0 <= lam <= 1:

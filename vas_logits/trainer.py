@@ -97,6 +97,7 @@ class Trainer:
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
         self.run, self.progress, self.keep_best = run, progress and rank == 0, keep_best
         self.extra_settings = extra_settings or {}  # recorded in checkpoints and checked on resume, like the rest
+        self.started = False  # whether train() has run (and resumed from the checkpoint) yet
         self.best_error, self.best_state = math.inf, None  # the held-out error and weights of the best epoch
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
@@ -175,15 +176,19 @@ class Trainer:
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
         return loss, state_values, rewards, mask
 
-    def train(self, train_samples, eval_samples, epochs, batch_size, seed) -> None:
-        self.settings = {"lam": self.lam, "gamma": self.gamma, "max_grad_norm": self.max_grad_norm, "seed": seed,
-                         "head": self.value_model.config.head, "batch_size": batch_size,
-                         "reward_mean": self.value_model.config.reward_mean,
-                         "reward_std": self.value_model.config.reward_std, **self.extra_settings}
-        self._resume()
-        if self.epoch >= epochs:
-            logger.warning("Training already finished (%d epochs) in %s: returning that model (pass more epochs "
-                           "to continue it)", self.epoch, self.run.path)
+    def train(self, train_samples, eval_samples, epochs, batch_size, seed, final: bool = True) -> None:
+        """Train until `epochs` epochs are done in all (resuming from the run's checkpoint on the first call).
+        `final`: the last call (roll-in rounds call it once per round): then the best epoch's weights are loaded."""
+        if not self.started:
+            self.settings = {"lam": self.lam, "gamma": self.gamma, "max_grad_norm": self.max_grad_norm, "seed": seed,
+                             "head": self.value_model.config.head, "batch_size": batch_size,
+                             "reward_mean": self.value_model.config.reward_mean,
+                             "reward_std": self.value_model.config.reward_std, **self.extra_settings}
+            self._resume()
+            self.started = True
+            if final and self.epoch >= epochs:
+                logger.warning("Training already finished (%d epochs) in %s: returning that model (pass more epochs "
+                               "to continue it)", self.epoch, self.run.path)
         try:
             while self.epoch < epochs:
                 order = self._epoch_order(len(train_samples), seed + self.epoch)
@@ -221,7 +226,7 @@ class Trainer:
             logger.warning("Interrupted: checkpoint written to %s; call fit() again to resume",
                            self.run.checkpoint if self.run else "(no output_dir: nothing)")
             raise
-        if self.best_state is not None:
+        if final and self.best_state is not None:
             logger.info("Keeping the weights of the epoch with the lowest held-out error (%.4f)", self.best_error)
             self.value_model.load_state_dict(self.best_state)
 
@@ -260,7 +265,7 @@ class Trainer:
         if stored is None:
             raise ValueError(f"The checkpoint in {directory} does not record its training settings (written before "
                              "vas_logits 0.4): delete that folder to train again on the stored samples")
-        allowed = {"batch_size"}
+        allowed = {"batch_size", "rounds"}  # more rounds continue a run, as more epochs do
         changed = [f"{key}: checkpoint {stored.get(key)!r}, now {value!r}" for key, value in self.settings.items()
                    if key not in allowed and stored.get(key) != value]
         if changed:
