@@ -129,7 +129,8 @@ def fit(
         rounds: Roll-in rounds (rollin.py; needs a local base model). Round 1 trains on the base's samples; each
             later round rolls in with VAS under the current value model (`rollin_beta`, `top_k`), rolls out
             max(1, `siblings`) top-k candidates with the frozen base from a random state of each roll-in, pools
-            those returns with the earlier rounds' data and trains `epochs` more epochs.
+            those returns with the earlier rounds' data and trains `epochs` more epochs (`keep_best` then picks
+            among the last round's epochs).
         rollin_beta: The VAS beta of the roll-ins (per standard deviation of the reward).
 
     Returns:
@@ -248,7 +249,8 @@ def fit(
             train_samples = train_samples + rollouts
         if value_model.distributional:
             _check_atoms_cover(value_model, train_samples)
-        trainer.train(train_samples, eval_samples, epochs * round_index, batch_size, seed, final=round_index == rounds)
+        trainer.train(train_samples, eval_samples, epochs * round_index, batch_size, seed, final=round_index == rounds,
+                      first_epoch=epochs * (round_index - 1))
     value_model.eval()
     if run is not None and rank == 0:
         value_model.save_pretrained(run.final)

@@ -176,9 +176,12 @@ class Trainer:
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
         return loss, state_values, rewards, mask
 
-    def train(self, train_samples, eval_samples, epochs, batch_size, seed, final: bool = True) -> None:
+    def train(self, train_samples, eval_samples, epochs, batch_size, seed, final: bool = True,
+              first_epoch: int = 0) -> None:
         """Train until `epochs` epochs are done in all (resuming from the run's checkpoint on the first call).
-        `final`: the last call (roll-in rounds call it once per round): then the best epoch's weights are loaded."""
+        `final`: the last call (roll-in rounds call it once per round): then the best epoch's weights are loaded.
+        `first_epoch`: where this call's epochs begin; keep_best chooses among them only (a roll-in round's data
+        move V away from the base's own states, where the held-out error is measured)."""
         if not self.started:
             self.settings = {"lam": self.lam, "gamma": self.gamma, "max_grad_norm": self.max_grad_norm, "seed": seed,
                              "head": self.value_model.config.head, "batch_size": batch_size,
@@ -189,6 +192,8 @@ class Trainer:
             if final and self.epoch >= epochs:
                 logger.warning("Training already finished (%d epochs) in %s: returning that model (pass more epochs "
                                "to continue it)", self.epoch, self.run.path)
+        if self.epoch == first_epoch and self.samples_in_epoch == 0:  # a round starts: its own best epoch
+            self.best_error, self.best_state = math.inf, None
         try:
             while self.epoch < epochs:
                 order = self._epoch_order(len(train_samples), seed + self.epoch)
