@@ -171,3 +171,18 @@ def test_a_roll_in_is_steered_by_the_value_model(bigram):
     roll_ins = sampler._roll_in(prompts, progress=False)
     steered = sum(sample.completion_ids.count(10) for sample in roll_ins) / len(roll_ins)
     assert steered > 3, steered  # the base alone draws w10 about 6 × 1/92 times in 6 tokens
+
+
+def test_keep_best_chooses_among_the_last_rounds_epochs(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    errors = iter([1.0, 5.0])  # round 1's epoch looks better on the held-out base samples than round 2's
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, samples, batch_size: {
+        "loss": 0.0, "error": next(errors), "correlation": 0.0})
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]
+    value_model = fit(base, tokenizer, prompts, count_good_words, rounds=2, output_dir=tmp_path, keep_checkpoint=True,
+                      **FIT)
+    last_epoch = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    returned = value_model.state_dict()
+    assert all(torch.equal(returned[name].cpu(), tensor) for name, tensor in last_epoch.items())
