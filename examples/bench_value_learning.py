@@ -27,6 +27,7 @@ Writes value_learning.md / .json (and value_learning.png with --plot) to --outpu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, PreTrainedTokenizerFast
 
-from vas_logits import VAS, ValueModel, fit
+from vas_logits import VAS, Rollouts, ValueModel, fit
 
 VOCAB_SIZE = 96
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -287,8 +288,11 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     if getattr(args, "head", "scalar") != "scalar":  # else fit()'s own default value model
         value_model = ValueModel.from_backbone(base, num_layers=min(4, base.config.num_hidden_layers),
                                                head=args.head)
+    options = dict(fit_options)
+    rollout_names = {option.name for option in dataclasses.fields(Rollouts)}
+    rollouts = Rollouts(**{name: options.pop(name) for name in list(options) if name in rollout_names})
     value_model = fit(base, tokenizer, train, task.reward_fn(), value_model, max_new_tokens=args.new_tokens,
-                      seed=args.seed, progress=False, **fit_options)
+                      seed=args.seed, progress=False, rollouts=rollouts, **options)
     fit_seconds = time.perf_counter() - started
     # fit() standardises rewards: the model's beta is per reward std, the exact one per reward unit
     fitted = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
@@ -371,7 +375,8 @@ def main() -> None:
     parser.add_argument("--min-kl", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fit", default="{}", help='fit() options as JSON, e.g. \'{"epochs": 10}\' (default: none)')
+    parser.add_argument("--fit", default="{}",
+                        help='fit() options as JSON, e.g. \'{"epochs": 10}\', Rollouts fields too: \'{"siblings": 2}\'')
     parser.add_argument("--head", default="scalar", choices=["scalar", "distributional", "token"],
                         help="the value model's head (default: fit()'s own, scalar)")
     parser.add_argument("--label", default="fit() defaults")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vas_logits import fit
+from vas_logits import Rollouts, fit
 from vas_logits.sampling import Sample, SampleStore
 from vas_logits.rollin import round_file_name
 from vas_logits.siblings import _continue, roll_out_siblings, siblings_file_name
@@ -100,13 +100,14 @@ def test_fit_with_siblings_stores_them_and_a_second_call_reuses_them(tmp_path):
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]  # 2 held out (eval_fraction 0.1)
     reward, calls = counting(count_good_words)
-    fit(base, tokenizer, prompts, reward, siblings=2, top_k=4, output_dir=tmp_path, **FIT)
+    fit(base, tokenizer, prompts, reward, rollouts=Rollouts(siblings=2, top_k=4), output_dir=tmp_path, **FIT)
     lines = (tmp_path / siblings_file_name(2, 4)).read_text().splitlines()
     assert len(lines) == 18 * 2 * 2  # training prompts × samples × siblings
     assert all(json.loads(line)["first_state"] >= 1 for line in lines)
     assert sum(calls) == 20 * 2 + len(lines)
     calls.clear()
-    fit(base, tokenizer, prompts, reward, siblings=2, top_k=4, output_dir=tmp_path, **{**FIT, "epochs": 2})
+    fit(base, tokenizer, prompts, reward, rollouts=Rollouts(siblings=2, top_k=4), output_dir=tmp_path,
+        **{**FIT, "epochs": 2})
     assert calls == []  # the samples and the rollouts are reused
 
 
@@ -119,9 +120,11 @@ def test_fit_with_siblings_stores_them_and_a_second_call_reuses_them(tmp_path):
     (dict(rollin_beta=0.0), "`rollin_beta` must be a finite number > 0"),
     (dict(rollin_beta=float("inf")), "`rollin_beta` must be a finite number > 0"),
 ])
-def test_bad_sibling_options_are_a_clear_error(change, message):
+def test_bad_rollout_options_are_a_clear_error(change, message):
     with pytest.raises(ValueError, match=message):
-        fit(tiny_causal_lm("llama"), word_tokenizer(), ["w5 w6"], count_good_words, **{**FIT, **change})
+        Rollouts(**change)
+    with pytest.raises(ValueError, match=r"`rollouts` must be a vas_logits.Rollouts \(e.g. Rollouts\(siblings=2\)\)"):
+        fit(tiny_causal_lm("llama"), word_tokenizer(), ["w5 w6"], count_good_words, rollouts=change, **FIT)
 
 
 @pytest.mark.parametrize("change,message", [(dict(siblings=2), "`siblings=2` needs a local transformers base model"),
@@ -130,7 +133,7 @@ def test_siblings_and_rounds_need_a_local_base_model(change, message):
     records = [{"prompt": "w5 w6", "completion": " w7 w8", "reward": 1.0}] * 2
     with pytest.raises(ValueError, match=message):
         fit(None, word_tokenizer(), samples=records, value_model=tiny_value_model("llama"), epochs=1, progress=False,
-            **change)
+            rollouts=Rollouts(**change))
 
 
 # ---------------------------------------------------------------------- roll-in rounds (rollin.py)
@@ -140,14 +143,15 @@ def test_rounds_roll_in_with_vas_roll_out_with_the_base_and_more_rounds_continue
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]  # 18 training prompts
     reward, calls = counting(count_good_words)
-    options = dict(FIT, output_dir=tmp_path, keep_checkpoint=True, siblings=1, top_k=4)
-    fit(base, tokenizer, prompts, reward, rounds=2, rollin_beta=3.0, **options)
+    options = dict(FIT, output_dir=tmp_path, keep_checkpoint=True)
+    fit(base, tokenizer, prompts, reward, rollouts=Rollouts(siblings=1, top_k=4, rounds=2, rollin_beta=3.0), **options)
     round_two = (tmp_path / round_file_name(2, 1, 4, 3.0)).read_text().splitlines()
     assert len(round_two) == 18 * 2  # training prompts × samples per prompt × 1 rollout
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 2  # 1 per round
     assert sum(calls) == 20 * 2 + 18 * 2 + len(round_two)
     calls.clear()
-    fit(base, tokenizer, prompts, reward, rounds=3, rollin_beta=3.0, **options)  # one more round, nothing redone
+    more = Rollouts(siblings=1, top_k=4, rounds=3, rollin_beta=3.0)
+    fit(base, tokenizer, prompts, reward, rollouts=more, **options)  # one more round, nothing redone
     assert sum(calls) == len((tmp_path / round_file_name(3, 1, 4, 3.0)).read_text().splitlines()) == 18 * 2
     assert json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 3
 
@@ -181,8 +185,8 @@ def test_keep_best_chooses_among_the_last_rounds_epochs(tmp_path, monkeypatch):
         "loss": 0.0, "error": next(errors), "correlation": 0.0})
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]
-    value_model = fit(base, tokenizer, prompts, count_good_words, rounds=2, output_dir=tmp_path, keep_checkpoint=True,
-                      **FIT)
+    value_model = fit(base, tokenizer, prompts, count_good_words, rollouts=Rollouts(rounds=2), output_dir=tmp_path,
+                      keep_checkpoint=True, **FIT)
     last_epoch = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
     returned = value_model.state_dict()
     assert all(torch.equal(returned[name].cpu(), tensor) for name, tensor in last_epoch.items())

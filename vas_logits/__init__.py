@@ -28,6 +28,7 @@ from .endpoint import CompletionsEndpoint, EndpointError
 from .fit import fit
 from .processor import VAS, ValueAugmentedLogitsProcessor
 from .rewards import reward_model_fn
+from .rollouts import Rollouts
 from .targets import td_lambda_targets
 from .text_values import TextValuer
 from .value_model import ValueModel, ValueModelConfig, ValueModelOutput
@@ -37,6 +38,7 @@ __all__ = [
     "APIGenerationError",
     "BlockwiseSampler",
     "CompletionsEndpoint",
+    "Rollouts",
     "EndpointError",
     "TextValuer",
     "VAS",

@@ -18,6 +18,7 @@ reward), with a value model cut from a small local model that shares your tokeni
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 from .fit import DEFAULT_NUM_LAYERS, fit
+from .rollouts import Rollouts
 from .value_model import HEAD_TYPES, ValueModel
 
 
@@ -108,16 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="sampling temperature (no top-k/top-p)")
     sampling.add_argument("--sampling-batch-size", type=int, default=_fit_default("sampling_batch_size"),
                           help="completions per generate() call; larger is faster")
-    sampling.add_argument("--siblings", type=int, default=_fit_default("siblings"),
-                          help="sibling rollouts per sample (--base only): at a random state, this many of the "
-                               "base's --top-k candidates are each rolled out and scored")
-    sampling.add_argument("--top-k", type=int, default=_fit_default("top_k"),
-                          help="the candidates sibling rollouts choose from (match VAS's top_k)")
-    sampling.add_argument("--rounds", type=int, default=_fit_default("rounds"),
-                          help="roll-in rounds (--base only): after the first, roll in with VAS under the value model "
-                               "so far, roll out with the base, pool and train --epochs more")
-    sampling.add_argument("--rollin-beta", type=float, default=_fit_default("rollin_beta"),
-                          help="the VAS beta of the roll-ins (per standard deviation of the reward)")
+    rollouts = parser.add_argument_group("rollouts beyond the base's own samples (--base only; vas_logits.Rollouts)")
+    for option in dataclasses.fields(Rollouts):  # generated, so the dataclass and the command line never disagree
+        rollouts.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default,
+                              help=option.metadata["help"])
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
@@ -197,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         output_dir=args.output, seed=args.seed, eval_fraction=args.eval_fraction,
         progress=not args.no_progress, reward_name=args.reward or None, overwrite_output_dir=args.overwrite_output,
         keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
-        keep_best=not args.last_epoch, siblings=args.siblings, top_k=args.top_k, rounds=args.rounds,
-        rollin_beta=args.rollin_beta,
+        keep_best=not args.last_epoch,
+        rollouts=Rollouts(**{option.name: getattr(args, option.name) for option in dataclasses.fields(Rollouts)}),
     )
     logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
 

@@ -26,6 +26,7 @@ from .run_dir import RunDirectory, sampling_fingerprint
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
 from .rollin import RollInSampler, round_file_name
+from .rollouts import Rollouts
 from .siblings import SiblingSampler, siblings_file_name
 from .text_samples import read_text_samples
 from .trainer import Trainer
@@ -70,10 +71,7 @@ def fit(
     keep_checkpoint: bool = False,
     standardize_rewards: bool = True,
     keep_best: bool = True,
-    siblings: int = 0,
-    top_k: int = 10,
-    rounds: int = 1,
-    rollin_beta: float = 2.0,
+    rollouts: Rollouts | None = None,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
@@ -121,24 +119,17 @@ def fit(
             head's atoms then span the standardised training rewards.
         keep_best: Return the weights of the epoch with the lowest held-out error (mean squared error of V(s_t)
             against the reward, over every state) rather than the last epoch's.
-        siblings: Sibling rollouts per training sample (siblings.py; needs a local base model): at a random state
-            of each sample, this many of the base's `top_k` candidates are each rolled out to the end by the base
-            and scored, so the value model learns the contrast between candidates at one state that VAS uses.
-            Costs about `siblings` / 2 times the sampling. 0: none.
-        top_k: The candidates sibling rollouts choose from: match the `top_k` of the VAS processor.
-        rounds: Roll-in rounds (rollin.py; needs a local base model). Round 1 trains on the base's samples; each
-            later round rolls in with VAS under the current value model (`rollin_beta`, `top_k`), rolls out
-            max(1, `siblings`) top-k candidates with the frozen base from a random state of each roll-in, pools
-            those returns with the earlier rounds' data and trains `epochs` more epochs (`keep_best` then picks
-            among the last round's epochs).
-        rollin_beta: The VAS beta of the roll-ins (per standard deviation of the reward).
+        rollouts: Training data beyond the base's own samples (`Rollouts`: sibling rollouts, roll-in rounds;
+            local base models only). Default: none.
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
     prompts, records = _prompts_or_records(base_model, prompts, reward_fn, samples)
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k, rounds, rollin_beta)
+                     sampling_batch_size, learning_rate, eval_fraction)
+    rollouts = _check_rollouts(rollouts)
+    siblings, top_k, rounds, rollin_beta = rollouts.siblings, rollouts.top_k, rollouts.rounds, rollouts.rollin_beta
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=seed, samples_per_prompt=samples_per_prompt,
@@ -148,10 +139,10 @@ def fit(
     local = sampler.local_model is not None
     if siblings and not local:
         raise ValueError(f"`siblings={siblings}` needs a local transformers base model to roll out from (it reads the "
-                         f"base's top-k at sampled states); got {type(base_model).__name__}: pass siblings=0")
+                         f"base's top-k at sampled states); got {type(base_model).__name__}: pass Rollouts(siblings=0)")
     if rounds > 1 and not local:
         raise ValueError(f"`rounds={rounds}` needs a local transformers base model to roll in and out with; got "
-                         f"{type(base_model).__name__}: pass rounds=1")
+                         f"{type(base_model).__name__}: pass Rollouts(rounds=1)")
     if value_model is None:
         if not local:
             raise ValueError(
@@ -201,11 +192,8 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
-    sibling_settings = {"siblings": siblings, "top_k": top_k} if siblings or rounds > 1 else {}  # in checkpoints
-    if rounds > 1:
-        sibling_settings.update(rounds=rounds, rollin_beta=rollin_beta)
     trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                       run, progress, keep_best, extra_settings=sibling_settings)
+                       run, progress, keep_best, extra_settings=rollouts.settings())
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
 
     # Given samples are re-read from the user's own records at every call (tokenising is quick), never copied
@@ -232,10 +220,10 @@ def fit(
         sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings, seed=seed,
                                          **rollout_options)
         sibling_store = SampleStore(run.path / siblings_file_name(siblings, top_k) if run else None)
-        rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
-                                    None, progress)
-        logger.info("%d sibling rollouts (%d per sample)", len(rollouts), siblings)
-        train_samples = train_samples + rollouts
+        sibling_rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
+                                            None, progress)
+        logger.info("%d sibling rollouts (%d per sample)", len(sibling_rollouts), siblings)
+        train_samples = train_samples + sibling_rollouts
     for round_index in range(1, rounds + 1):
         if round_index > 1:  # roll in with VAS under the value model so far, roll out with the base
             round_sampler = RollInSampler(base_model, tokenizer, reward_fn, value_model, beta=rollin_beta,
@@ -243,10 +231,11 @@ def fit(
                                           seed=seed + 1000 * round_index, **rollout_options)
             round_store = SampleStore(run.path / round_file_name(round_index, max(1, siblings), top_k, rollin_beta)
                                       if run else None)
-            rollouts = _collect_samples(round_sampler, training_prompts, round_store, rank, world_size,
-                                        seed + 1000 * round_index, None, progress)
-            logger.info("Round %d: %d rollouts from VAS roll-ins (beta %g)", round_index, len(rollouts), rollin_beta)
-            train_samples = train_samples + rollouts
+            round_rollouts = _collect_samples(round_sampler, training_prompts, round_store, rank, world_size,
+                                              seed + 1000 * round_index, None, progress)
+            logger.info("Round %d: %d rollouts from VAS roll-ins (beta %g)", round_index, len(round_rollouts),
+                        rollin_beta)
+            train_samples = train_samples + round_rollouts
         if value_model.distributional:
             _check_atoms_cover(value_model, train_samples)
         trainer.train(train_samples, eval_samples, epochs * round_index, batch_size, seed, final=round_index == rounds,
@@ -327,7 +316,7 @@ def _callable_name(function, qualified: bool = False) -> str:
 
 
 def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction, siblings, top_k, rounds, rollin_beta) -> None:
+                     sampling_batch_size, learning_rate, eval_fraction) -> None:
     if len(prompts) == 0:
         raise ValueError("`prompts` must hold at least one prompt, got an empty list")
     for index, prompt in enumerate(prompts):
@@ -336,18 +325,9 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
                 if isinstance(prompt, dict) else ""
             raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}{hint}")
     for name, value in dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs,
-                            batch_size=batch_size, sampling_batch_size=sampling_batch_size, top_k=top_k,
-                            rounds=rounds).items():
+                            batch_size=batch_size, sampling_batch_size=sampling_batch_size).items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    if isinstance(siblings, bool) or not isinstance(siblings, int) or siblings < 0:
-        raise ValueError(f"`siblings` must be a non-negative integer (0: no sibling rollouts), got {siblings!r}")
-    if siblings > top_k:
-        raise ValueError(f"`siblings` ({siblings}) must be at most `top_k` ({top_k}): siblings are distinct top-k "
-                         f"candidates")
-    if isinstance(rollin_beta, bool) or not isinstance(rollin_beta, (int, float)) or not rollin_beta > 0 \
-            or not math.isfinite(rollin_beta):
-        raise ValueError(f"`rollin_beta` must be a finite number > 0, got {rollin_beta!r}")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
     if not 0 <= lam <= 1:
@@ -358,6 +338,14 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
         raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}")
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
+
+
+def _check_rollouts(rollouts) -> Rollouts:
+    if rollouts is None:
+        return Rollouts()
+    if not isinstance(rollouts, Rollouts):
+        raise ValueError(f"`rollouts` must be a vas_logits.Rollouts (e.g. Rollouts(siblings=2)), got {rollouts!r:.80}")
+    return rollouts
 
 
 def _check_vocabulary(value_model: ValueModel, base_vocab: int | None, tokenizer) -> None:
