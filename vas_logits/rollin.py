@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .processor import VAS
 from .samplers import Sampler
-from .sampling import RewardFn, Sample, cut_completion, pad_batch
+from .sampling import RewardFn, Sample, cut_completion, end_token_ids, pad_batch
 from .siblings import roll_out_siblings
 
 
@@ -63,9 +63,7 @@ class RollInSampler(Sampler):
     def _roll_in(self, prompts: Sequence[tuple[int, str]], progress: bool) -> list[Sample]:
         """`samples_per_prompt` VAS-guided completions of each prompt (unscored: only their states are used)."""
         base, options = self.local_model, self.options
-        eos = base.generation_config.eos_token_id
-        eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        eos_token_ids.update({self.tokenizer.eos_token_id} - {None})
+        eos_token_ids = end_token_ids(base, self.tokenizer)
         processor = VAS(self.value_model, beta=self.beta, top_k=options["top_k"], outside_top_k="keep",
                         pad_token_id=options["pad_token_id"])
         per_batch = max(1, options["generate_batch_size"] // self.samples_per_prompt)

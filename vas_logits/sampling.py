@@ -129,6 +129,13 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int, side: str =
     return ids, mask
 
 
+def end_token_ids(base_model, tokenizer) -> set[int]:
+    """The ids that end a completion: the base's generation_config EOS (one or a list) and the tokenizer's."""
+    eos = base_model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | ({tokenizer.eos_token_id} - {None})
+
+
 def cut_completion(ids: torch.Tensor, eos_token_ids: set[int]) -> list[int]:
     """The generated ids up to and including the first EOS (generate() pads the rest)."""
     completion = []
@@ -156,9 +163,7 @@ def sample_and_score(
     progress: bool = True,
 ) -> list[Sample]:
     """Sample `samples_per_prompt` completions of each (index, text) prompt, score them, store each batch."""
-    eos = base_model.generation_config.eos_token_id
-    eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    eos_token_ids.update({tokenizer.eos_token_id} - {None})
+    eos_token_ids = end_token_ids(base_model, tokenizer)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
                     num_return_sequences=samples_per_prompt, max_new_tokens=max_new_tokens,
                     pad_token_id=pad_token_id, eos_token_id=sorted(eos_token_ids) or None)

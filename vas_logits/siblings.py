@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .samplers import Sampler
-from .sampling import RewardFn, Sample, SampleStore, cut_completion, pad_batch, score_batch
+from .sampling import RewardFn, Sample, SampleStore, cut_completion, end_token_ids, pad_batch, score_batch
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,7 @@ def roll_out_siblings(
         The new Samples (each batch of prompts appended to `store` once scored), `siblings` per sample with at
         least one completion token, in the order of `samples`.
     """
-    eos = base_model.generation_config.eos_token_id
-    eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    eos_token_ids.update({tokenizer.eos_token_id} - {None})
+    eos_token_ids = end_token_ids(base_model, tokenizer)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
                     pad_token_id=pad_token_id, eos_token_id=sorted(eos_token_ids) or None)
     sampling.update(generation_kwargs or {})
