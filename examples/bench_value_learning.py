@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_quality import best_of_n  # the same unbiased estimator as the real benchmark's
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, PreTrainedTokenizerFast
 
 from vas_logits import VAS, Rollouts, ValueModel, fit
@@ -277,10 +278,9 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
                                                             args.top_k, soft=True), **common))
                            for beta in args.exact_betas]
         ceiling["best_of"] = best_of_n_curve(base, tokenizer, task, unseen, args)
-        bon = [dict(kl=p["kl"], reward=p["reward"]) for p in ceiling["best_of"]]
-        for name in ("exact", "soft"):
-            points = exact if name == "exact" else ceiling["soft"]
-            ceiling[f"{name}_vs_best_of"] = [dict(beta=p["beta"], kl=p["kl"], ratio=ratio_below(p, bon, base_point))
+        for name, points in (("exact", exact), ("soft", ceiling["soft"])):
+            ceiling[f"{name}_vs_best_of"] = [dict(beta=p["beta"], kl=p["kl"],
+                                                  ratio=ratio_below(p, ceiling["best_of"], base_point))
                                              for p in points]
     started = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -313,13 +313,10 @@ def best_of_n_curve(base, tokenizer, task: Task, prompts: list[str], args, sampl
     output = base.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=0, top_p=1.0,
                            num_return_sequences=samples, max_new_tokens=args.new_tokens, pad_token_id=PAD)
     rewards = torch.tensor(task.rewards(output[:, input_ids.shape[1] :].tolist()), dtype=torch.float64)
-    ordered = rewards.view(len(prompts), samples).sort(-1).values  # ascending
+    per_prompt = rewards.view(len(prompts), samples)
     curve, n = [], 1
     while n <= samples:
-        # P(the i-th smallest of `samples` is the best of a random N-subset) = C(i − 1, N − 1) / C(samples, N)
-        weights = torch.tensor([math.comb(i, n - 1) / math.comb(samples, n) for i in range(samples)],
-                               dtype=torch.float64)
-        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, reward=(ordered * weights).sum(-1).mean().item()))
+        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, reward=best_of_n(per_prompt, n).mean().item()))
         n *= 2
     return curve
 

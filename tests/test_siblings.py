@@ -34,9 +34,10 @@ def test_siblings_are_distinct_top_k_candidates_of_a_sampled_state_continued_to_
     samples = [Sample(index, tokenizer(prompt)["input_ids"], torch.randint(4, 96, (new_tokens,),
                                                                             generator=generator).tolist(), 0.0)
                for index, prompt in enumerate(prompts) for _ in range(2)]
-    rollouts = roll_out_siblings(base, tokenizer, samples, task.reward_fn(), SampleStore(None), siblings=3,
-                                 top_k=top_k, max_new_tokens=new_tokens, temperature=1.0, pad_token_id=PAD,
-                                 prompts_per_batch=4, generate_batch_size=8, seed=0, progress=False)
+    rollouts = roll_out_siblings(base, tokenizer, samples, dict(enumerate(prompts)), task.reward_fn(),
+                                 SampleStore(None), siblings=3, top_k=top_k, max_new_tokens=new_tokens,
+                                 temperature=1.0, pad_token_id=PAD, prompts_per_batch=4, generate_batch_size=8, seed=0,
+                                 progress=False)
     assert len(rollouts) == 3 * len(samples)
     cuts = set()
     for number, sample in enumerate(samples):
@@ -109,6 +110,19 @@ def test_fit_with_siblings_stores_them_and_a_second_call_reuses_them(tmp_path):
     fit(base, tokenizer, prompts, reward, rollouts=Rollouts(siblings=2, top_k=4), output_dir=tmp_path,
         **{**FIT, "epochs": 2})
     assert calls == []  # the samples and the rollouts are reused
+
+
+def test_rollouts_are_scored_with_the_prompt_text_the_samples_were_scored_with():
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = [f"w{5 + i}   w{40 + i} " for i in range(12)]  # spaces that decoding the ids would not give back
+    seen = []
+
+    def reward(prompt_texts, completions):
+        seen.extend(prompt_texts)
+        return count_good_words(prompt_texts, completions)
+
+    fit(base, tokenizer, prompts, reward, rollouts=Rollouts(siblings=1, top_k=3, rounds=2), **FIT)
+    assert len(seen) == 12 * 2 + 11 * 2 * 2 and set(seen) <= set(prompts)  # samples, siblings, round 2
 
 
 @pytest.mark.parametrize("change,message", [

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .processor import VAS
-from .samplers import Sampler
-from .sampling import RewardFn, Sample, cut_completion, end_token_ids, pad_batch
+from .samplers import Sampler, eval_mode
+from .sampling import RewardFn, Sample, cut_completion, end_token_ids, pad_batch, sampling_kwargs
 from .siblings import roll_out_siblings
 
 
@@ -48,22 +48,18 @@ class RollInSampler(Sampler):
         self.description = {"roll_in_beta": beta, "siblings": self.options["siblings"], "top_k": top_k}
 
     def __call__(self, prompts, store, progress):
-        was_training = self.local_model.training, self.value_model.training
-        self.local_model.eval()
-        self.value_model.eval()
-        try:
+        with eval_mode(self.local_model, self.value_model):
             roll_ins = self._roll_in(prompts, progress)
-            return roll_out_siblings(self.local_model, self.tokenizer, roll_ins, self.reward_fn, store,
+            return roll_out_siblings(self.local_model, self.tokenizer, roll_ins, dict(prompts), self.reward_fn, store,
                                      progress=progress, **self.options)
-        finally:
-            self.local_model.train(was_training[0])
-            self.value_model.train(was_training[1])
 
     @torch.no_grad()
     def _roll_in(self, prompts: Sequence[tuple[int, str]], progress: bool) -> list[Sample]:
         """`samples_per_prompt` VAS-guided completions of each prompt (unscored: only their states are used)."""
         base, options = self.local_model, self.options
         eos_token_ids = end_token_ids(base, self.tokenizer)
+        sampling = sampling_kwargs(options["temperature"], options["pad_token_id"], eos_token_ids,
+                                   options["generation_kwargs"])
         processor = VAS(self.value_model, beta=self.beta, top_k=options["top_k"], outside_top_k="keep",
                         pad_token_id=options["pad_token_id"])
         per_batch = max(1, options["generate_batch_size"] // self.samples_per_prompt)
@@ -72,12 +68,9 @@ class RollInSampler(Sampler):
         for batch in tqdm(batches, desc=f"roll-in (VAS, beta {self.beta:g})", unit="batch", disable=not progress):
             prompt_ids = [self.tokenizer(text, add_special_tokens=True)["input_ids"] for _, text in batch]
             input_ids, attention_mask = (t.to(base.device) for t in pad_batch(prompt_ids, options["pad_token_id"]))
-            output = base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                                   temperature=options["temperature"], top_k=0, top_p=1.0, min_p=None,
+            output = base.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[processor],
                                    num_return_sequences=self.samples_per_prompt,
-                                   max_new_tokens=options["max_new_tokens"], pad_token_id=options["pad_token_id"],
-                                   eos_token_id=sorted(eos_token_ids) or None, logits_processor=[processor],
-                                   **(options["generation_kwargs"] or {}))
+                                   max_new_tokens=options["max_new_tokens"], **sampling)
             for row, generated in enumerate(output[:, input_ids.shape[1] :].cpu()):
                 index = batch[row // self.samples_per_prompt][0]
                 roll_ins.append(Sample(index, prompt_ids[row // self.samples_per_prompt],

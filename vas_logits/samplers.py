@@ -13,6 +13,7 @@ samples are reused only by the same source. `make_sampler` picks one from what f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,19 @@ class Sampler:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """The modules in eval mode for the block, each back in its own train/eval mode afterwards."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
+
+
 class GenerateSampler(Sampler):
     def __init__(self, base_model, tokenizer, reward_fn: RewardFn, **options):
         self.local_model, self.tokenizer, self.reward_fn, self.options = base_model, tokenizer, reward_fn, options
@@ -50,13 +64,9 @@ class GenerateSampler(Sampler):
         self.vocab_size = base_model.get_output_embeddings().weight.shape[0]
 
     def __call__(self, prompts, store, progress):
-        was_training = self.local_model.training
-        self.local_model.eval()
-        try:
+        with eval_mode(self.local_model):
             return sample_and_score(self.local_model, self.tokenizer, prompts, self.reward_fn, store,
                                     progress=progress, **self.options)
-        finally:
-            self.local_model.train(was_training)
 
 
 class EndpointSampler(Sampler):

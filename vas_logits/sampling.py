@@ -136,6 +136,14 @@ def end_token_ids(base_model, tokenizer) -> set[int]:
     return ids | ({tokenizer.eos_token_id} - {None})
 
 
+def sampling_kwargs(temperature: float, pad_token_id: int, eos_token_ids: set[int],
+                    generation_kwargs: dict | None = None) -> dict:
+    """generate() arguments for pi_ref's own samples: plain sampling at `temperature` (no top-k/top-p unless
+    generation_kwargs asks), stopping at any of `eos_token_ids`."""
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, pad_token_id=pad_token_id,
+                eos_token_id=sorted(eos_token_ids) or None, **(generation_kwargs or {}))
+
+
 def cut_completion(ids: torch.Tensor, eos_token_ids: set[int]) -> list[int]:
     """The generated ids up to and including the first EOS (generate() pads the rest)."""
     completion = []
@@ -164,10 +172,8 @@ def sample_and_score(
 ) -> list[Sample]:
     """Sample `samples_per_prompt` completions of each (index, text) prompt, score them, store each batch."""
     eos_token_ids = end_token_ids(base_model, tokenizer)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
-                    num_return_sequences=samples_per_prompt, max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_token_id, eos_token_id=sorted(eos_token_ids) or None)
-    sampling.update(generation_kwargs or {})
+    sampling = dict(num_return_sequences=samples_per_prompt, max_new_tokens=max_new_tokens,
+                    **sampling_kwargs(temperature, pad_token_id, eos_token_ids, generation_kwargs))
     samples = []
     batches = [prompts[i : i + prompts_per_batch] for i in range(0, len(prompts), prompts_per_batch)]
     for batch_index, batch in enumerate(tqdm(batches, desc="sampling", unit="batch", disable=not progress)):

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .samplers import Sampler
-from .sampling import RewardFn, Sample, SampleStore, cut_completion, end_token_ids, pad_batch, score_batch
+from .samplers import Sampler, eval_mode
+from .sampling import (RewardFn, Sample, SampleStore, cut_completion, end_token_ids, pad_batch, sampling_kwargs,
+                       score_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,11 @@ class SiblingSampler(Sampler):
         self.description = {"siblings": options["siblings"], "top_k": options["top_k"]}
 
     def __call__(self, prompts, store, progress):
-        wanted = {index for index, _ in prompts}
-        mine = [sample for sample in self.samples if sample.prompt_index in wanted]
-        was_training = self.local_model.training
-        self.local_model.eval()
-        try:
-            return roll_out_siblings(self.local_model, self.tokenizer, mine, self.reward_fn, store, progress=progress,
-                                     **self.options)
-        finally:
-            self.local_model.train(was_training)
+        texts = dict(prompts)
+        mine = [sample for sample in self.samples if sample.prompt_index in texts]
+        with eval_mode(self.local_model):
+            return roll_out_siblings(self.local_model, self.tokenizer, mine, texts, self.reward_fn, store,
+                                     progress=progress, **self.options)
 
 
 @torch.no_grad()
@@ -61,6 +58,7 @@ def roll_out_siblings(
     base_model,
     tokenizer,
     samples: Sequence[Sample],
+    prompt_texts: Mapping[int, str],
     reward_fn: RewardFn,
     store: SampleStore,
     *,
@@ -76,22 +74,20 @@ def roll_out_siblings(
     progress: bool = True,
 ) -> list[Sample]:
     """Sibling rollouts of `samples` (the base's own, grouped by prompt), `siblings` per sample; see the module.
+    `prompt_texts` maps each sample's prompt index to its text, as reward_fn saw it for the samples.
 
     Returns:
         The new Samples (each batch of prompts appended to `store` once scored), `siblings` per sample with at
         least one completion token, in the order of `samples`.
     """
     eos_token_ids = end_token_ids(base_model, tokenizer)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
-                    pad_token_id=pad_token_id, eos_token_id=sorted(eos_token_ids) or None)
-    sampling.update(generation_kwargs or {})
+    sampling = sampling_kwargs(temperature, pad_token_id, eos_token_ids, generation_kwargs)
     by_prompt: dict[int, list[Sample]] = {}
     for sample in samples:
         if sample.completion_ids:
             by_prompt.setdefault(sample.prompt_index, []).append(sample)
     prompt_indices = sorted(by_prompt)
     batches = [prompt_indices[i : i + prompts_per_batch] for i in range(0, len(prompt_indices), prompts_per_batch)]
-    prompt_texts = {}
     rollouts = []
     for batch_index, batch in enumerate(tqdm(batches, desc="sibling rollouts", unit="batch", disable=not progress)):
         states = [(sample, _cut(sample, seed, number)) for index in batch
@@ -103,12 +99,9 @@ def roll_out_siblings(
         rows = [(sample, cut, candidate) for (sample, cut), row in zip(states, candidates) for candidate in row]
         completions = _continue(base_model, rows, max_new_tokens, pad_token_id, eos_token_ids, sampling,
                                 generate_batch_size)
-        for sample, _, _ in rows:
-            if sample.prompt_index not in prompt_texts:
-                prompt_texts[sample.prompt_index] = tokenizer.decode(sample.prompt_ids, skip_special_tokens=True)
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         rewards = score_batch(reward_fn, [prompt_texts[sample.prompt_index] for sample, _, _ in rows], texts, store,
-                              [(index, "") for index in batch], batch_index)
+                              [(index, prompt_texts[index]) for index in batch], batch_index)
         new = [Sample(sample.prompt_index, sample.prompt_ids, completion, reward, first_state=cut + 1)
                for (sample, cut, _), completion, reward in zip(rows, completions, rewards)]
         store.append(new)
