@@ -39,7 +39,7 @@ import torch
 from bench_quality import best_of_n  # the same unbiased estimator as the real benchmark's
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, PreTrainedTokenizerFast
 
-from vas_logits import VAS, Rollouts, ValueModel, fit
+from vas_logits import VAS, PrefixRewards, Rollouts, ValueModel, fit
 
 VOCAB_SIZE = 96
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -291,6 +291,10 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     options = dict(fit_options)
     rollout_names = {option.name for option in dataclasses.fields(Rollouts)}
     rollouts = Rollouts(**{name: options.pop(name) for name in list(options) if name in rollout_names})
+    prefix_names = {f"prefix_{option.name}": option.name for option in dataclasses.fields(PrefixRewards)}
+    if any(name in options for name in prefix_names):  # e.g. {"prefix_increment_weight": 10}
+        options["prefix_rewards"] = PrefixRewards(**{prefix_names[name]: options.pop(name)
+                                                     for name in list(options) if name in prefix_names})
     value_model = fit(base, tokenizer, train, task.reward_fn(), value_model, max_new_tokens=args.new_tokens,
                       seed=args.seed, progress=False, rollouts=rollouts, **options)
     fit_seconds = time.perf_counter() - started
@@ -373,7 +377,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fit", default="{}",
-                        help='fit() options as JSON, e.g. \'{"epochs": 10}\', Rollouts fields too: \'{"siblings": 2}\'')
+                        help='fit() options as JSON, as \'{"epochs": 10}\'; Rollouts fields too: \'{"siblings": 2}\'; '
+                             'PrefixRewards fields as \'{"prefix_increment_weight": 10}\' '
+                             '(\'{"prefix_rewards": null}\': none)')
     parser.add_argument("--head", default="scalar", choices=["scalar", "distributional", "token"],
                         help="the value model's head (default: fit()'s own, scalar)")
     parser.add_argument("--label", default="fit() defaults")

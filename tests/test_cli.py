@@ -7,7 +7,7 @@ import pytest
 from vas_logits import ValueModel
 import inspect
 
-from vas_logits import fit
+from vas_logits import PrefixRewards, fit
 from vas_logits.cli import build_parser, load_prompts, load_reward, main
 
 from .helpers import tiny_causal_lm, word_tokenizer
@@ -103,3 +103,14 @@ def test_vas_fit_source_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_prefix_reward_options_map_to_fits_default_or_a_prefix_rewards_of_their_values():
+    from vas_logits.cli import _prefix_rewards
+    from vas_logits.fit import DEFAULT_PREFIX_REWARDS
+
+    required = ["--base", "b", "--prompts", "p.txt", "--reward", "m:f", "--output", "o"]
+    assert _prefix_rewards(build_parser().parse_args(required)) is DEFAULT_PREFIX_REWARDS  # applies where it can
+    given = _prefix_rewards(build_parser().parse_args(required + ["--prefix-increment-weight", "5"]))
+    assert given == PrefixRewards(increment_weight=5.0) and given is not DEFAULT_PREFIX_REWARDS
+    assert build_parser().parse_args(required + ["--no-prefix-rewards"]).no_prefix_rewards

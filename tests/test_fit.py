@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vas_logits import VAS, ValueModel, fit, td_lambda_targets
+from vas_logits import VAS, PrefixRewards, ValueModel, fit, td_lambda_targets
 from vas_logits.trainer import Trainer, collate
 
 from .helpers import PAD, count_good_words, tiny_causal_lm, tiny_config, word_tokenizer
@@ -124,6 +124,7 @@ class CountingReward:
 
 FIT_OPTIONS = dict(samples_per_prompt=2, max_new_tokens=6, batch_size=4, sampling_batch_size=4, learning_rate=1e-2,
                    progress=False)
+NO_PREFIXES = dict(FIT_OPTIONS, prefix_rewards=None)  # for tests that count reward calls made while sampling
 
 
 def test_resuming_continues_from_the_checkpoint_without_resampling(tmp_path):
@@ -171,11 +172,13 @@ def test_ctrl_c_writes_a_checkpoint_and_fit_resumes_from_it(tmp_path, monkeypatc
 def test_a_value_model_that_cannot_train_fails_before_any_sampling(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     value_model = ValueModel.from_backbone(base, num_layers=1)
-    value_model.requires_grad_(False)  # nothing to train: the backward pass fails
+    value_model.requires_grad_(False)  # nothing to train: the backward pass fails (only the prefix head learns)
     reward = CountingReward()
-    with pytest.raises(RuntimeError, match="dummy batch failed before sampling") as error:
-        fit(base, tokenizer, prompts, reward, value_model, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
-    assert "does not require grad" in str(error.value.__cause__)
+    for prefix_rewards, cause in ((None, "does not require grad"), (PrefixRewards(), "received a gradient")):
+        with pytest.raises(RuntimeError, match="dummy batch failed before sampling") as error:
+            fit(base, tokenizer, prompts, reward, value_model, epochs=1, output_dir=tmp_path, **FIT_OPTIONS,
+                prefix_rewards=prefix_rewards)
+        assert cause in str(error.value.__cause__)
     assert reward.calls == 0 and not (tmp_path / "samples.jsonl").exists()
 
 
@@ -214,12 +217,12 @@ def test_a_crash_after_sampling_leaves_the_samples_for_the_next_call(tmp_path, m
 def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     with pytest.raises(RuntimeError, match="sampling batch 2") as error:
-        fit(base, tokenizer, prompts, CountingReward(fail_on_call=3), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+        fit(base, tokenizer, prompts, CountingReward(fail_on_call=3), epochs=1, output_dir=tmp_path, **NO_PREFIXES)
     assert "the judge is down" in str(error.value.__cause__)
     lines = (tmp_path / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2 * 2  # two batches of two prompts, two samples each
     reward = CountingReward()
-    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **NO_PREFIXES)
     assert reward.calls == 4  # only the 8 prompts not sampled yet, two per batch
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
 
@@ -227,14 +230,14 @@ def test_a_failing_reward_keeps_earlier_samples_and_names_the_batch(tmp_path):
 def test_sampling_batch_size_sets_the_completions_per_generate_call(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     reward = CountingReward()
-    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **{**FIT_OPTIONS, "sampling_batch_size": 8})
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **{**NO_PREFIXES, "sampling_batch_size": 8})
     assert reward.calls == 3  # 12 prompts, 4 per call (8 completions); training batches stay at 4
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12 * 2
 
 
 def test_samples_of_other_prompts_reward_or_settings_are_never_reused(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
-    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **NO_PREFIXES)
 
     def other_reward(prompts, completions):
         return [1.0] * len(completions)
@@ -247,29 +250,29 @@ def test_samples_of_other_prompts_reward_or_settings_are_never_reused(tmp_path):
     ]
     for change, message in changes:
         arguments = dict(base_model=base, tokenizer=tokenizer, prompts=prompts, reward_fn=CountingReward(),
-                         output_dir=tmp_path, epochs=1, **FIT_OPTIONS)
+                         output_dir=tmp_path, epochs=1, **NO_PREFIXES)
         arguments.update(change)
         with pytest.raises(ValueError, match=f"other settings.*{message}.*overwrite_output_dir=True"):
             fit(**arguments)
     reward = CountingReward()
     fit(base, tokenizer, random_prompts(12, seed=1), reward, epochs=1, output_dir=tmp_path, overwrite_output_dir=True,
-        **FIT_OPTIONS)
+        **NO_PREFIXES)
     assert reward.calls == 6  # sampled afresh
     (tmp_path / "sampling.json").unlink()  # as written by vas_logits 0.1: samples with no record
     with pytest.raises(ValueError, match="without a record"):
-        fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+        fit(base, tokenizer, prompts, CountingReward(), epochs=1, output_dir=tmp_path, **NO_PREFIXES)
 
 
 def test_a_samples_file_cut_mid_line_is_repaired_and_the_prompt_sampled_again(tmp_path):
     tokenizer, base, prompts = word_tokenizer(), tiny_causal_lm("llama"), random_prompts(12)
     with pytest.raises(RuntimeError):
-        fit(base, tokenizer, prompts, CountingReward(fail_on_call=3), epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+        fit(base, tokenizer, prompts, CountingReward(fail_on_call=3), epochs=1, output_dir=tmp_path, **NO_PREFIXES)
     samples_file = tmp_path / "samples.jsonl"
     data = samples_file.read_bytes()
     samples_file.write_bytes(data[:-25])  # a crash while writing the last line
     last_prompt = json.loads(data.decode().splitlines()[-1])["prompt_index"]
     reward = CountingReward()
-    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **FIT_OPTIONS)
+    fit(base, tokenizer, prompts, reward, epochs=1, output_dir=tmp_path, **NO_PREFIXES)
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]  # every line parses
     assert len(samples) == 12 * 2
     counts = {index: sum(s["prompt_index"] == index for s in samples) for index in range(12)}
@@ -314,8 +317,8 @@ def test_an_interrupt_at_any_point_of_the_checkpoint_swap_resumes(tmp_path, monk
     resumed = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
     for (key, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(tensor, other, atol=1e-6), key
-    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["samples.jsonl", "sampling.json",
-                                                                         "value_model"]
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["prefix-rewards.jsonl", "samples.jsonl",
+                                                                         "sampling.json", "value_model"]
 
 
 def test_an_unwritable_output_dir_fails_before_sampling(tmp_path):

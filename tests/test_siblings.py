@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vas_logits import Rollouts, fit
+from vas_logits import PrefixRewards, Rollouts, fit
 from vas_logits.sampling import Sample, SampleStore
 from vas_logits.rollin import round_file_name
 from vas_logits.siblings import _continue, roll_out_siblings, siblings_file_name
@@ -94,7 +94,8 @@ def counting(reward_fn):
     return reward, calls
 
 
-FIT = dict(samples_per_prompt=2, max_new_tokens=4, epochs=1, batch_size=8, progress=False, seed=0)
+# no prefix rewards: these tests count the reward calls and completions of rollouts
+FIT = dict(samples_per_prompt=2, max_new_tokens=4, epochs=1, batch_size=8, progress=False, seed=0, prefix_rewards=None)
 
 
 def test_fit_with_siblings_stores_them_and_a_second_call_reuses_them(tmp_path):
@@ -200,7 +201,11 @@ def test_keep_best_chooses_among_the_last_rounds_epochs(tmp_path, monkeypatch):
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = [f"w{5 + i} w{40 + i}" for i in range(20)]
     value_model = fit(base, tokenizer, prompts, count_good_words, rollouts=Rollouts(rounds=2), output_dir=tmp_path,
-                      keep_checkpoint=True, **FIT)
-    last_epoch = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+                      keep_checkpoint=True, **{**FIT, "prefix_rewards": PrefixRewards()})
+    last_epoch = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))  # u, the prefix head phi apart:
+    prefix_head = load_file(str(tmp_path / "checkpoint" / "prefix_head.safetensors"))  # returned as one head
+    last_epoch = {**last_epoch, "head.weight": last_epoch["head.weight"] + prefix_head["weight"],
+                  "head.bias": last_epoch["head.bias"] + prefix_head["bias"]}
+    assert prefix_head["weight"].abs().sum() > 0
     returned = value_model.state_dict()
     assert all(torch.equal(returned[name].cpu(), tensor) for name, tensor in last_epoch.items())

@@ -26,6 +26,7 @@ from .api import APICompletion, APIGenerationError, VASClient
 from .blockwise import BlockwiseSampler
 from .endpoint import CompletionsEndpoint, EndpointError
 from .fit import fit
+from .prefix_rewards import PrefixRewards
 from .processor import VAS, ValueAugmentedLogitsProcessor
 from .rewards import reward_model_fn
 from .rollouts import Rollouts
@@ -38,6 +39,7 @@ __all__ = [
     "APIGenerationError",
     "BlockwiseSampler",
     "CompletionsEndpoint",
+    "PrefixRewards",
     "Rollouts",
     "EndpointError",
     "TextValuer",

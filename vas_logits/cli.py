@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from .fit import DEFAULT_NUM_LAYERS, fit
+from .prefix_rewards import PrefixRewards
 from .rollouts import Rollouts
 from .value_model import HEAD_TYPES, ValueModel
 
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     for option in dataclasses.fields(Rollouts):  # generated, so the dataclass and the command line never disagree
         rollouts.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default,
                               help=option.metadata["help"])
+    prefixes = parser.add_argument_group("prefix rewards: partial completions scored too (vas_logits.PrefixRewards)")
+    prefixes.add_argument("--no-prefix-rewards", action="store_true",
+                          help="train on the returns alone (no reward calls on partial completions)")
+    for option in dataclasses.fields(PrefixRewards):
+        prefixes.add_argument(f"--prefix-{option.name.replace('_', '-')}", type=float, default=option.default,
+                              help=option.metadata["help"])
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
@@ -195,8 +202,19 @@ def main(argv: list[str] | None = None) -> None:
         keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
         keep_best=not args.last_epoch,
         rollouts=Rollouts(**{option.name: getattr(args, option.name) for option in dataclasses.fields(Rollouts)}),
+        prefix_rewards=None if args.no_prefix_rewards else _prefix_rewards(args),
     )
     logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
+
+
+def _prefix_rewards(args) -> PrefixRewards:
+    """The command line's PrefixRewards: fit()'s default object when none of its options changed (so that it
+    applies only where it can, as in fit()), else one with the values given."""
+    from .fit import DEFAULT_PREFIX_REWARDS
+
+    given = PrefixRewards(**{option.name: getattr(args, f"prefix_{option.name}")
+                             for option in dataclasses.fields(PrefixRewards)})
+    return DEFAULT_PREFIX_REWARDS if given == DEFAULT_PREFIX_REWARDS else given
 
 
 if __name__ == "__main__":

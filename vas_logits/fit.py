@@ -4,6 +4,8 @@
                generate(), an offline vLLM engine or an API endpoint, or given as text with rewards (samplers.py)
     targets  = TD(lambda) returns from the value model's current predictions                    (targets.py)
     loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW   (trainer.py)
+    prefixes = the reward of every partial completion, exact labels for a second head phi of V = phi + u,
+               added into the value head at the end                                       (prefix_rewards.py)
 
 The base model is only sampled from: its weights, their requires_grad and its train/eval mode are as they
 were when fit() returns. With `output_dir` nothing is lost: samples are appended as they are scored, a
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from .prefix_rewards import PREFIX_REWARDS_FILE, PrefixRewards, score_prefixes
 from .run_dir import RunDirectory, sampling_fingerprint
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
@@ -41,6 +44,7 @@ DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap 
 # lr ∝ 1 / width. 0.03 gives 5.2e-5 for SmolLM2's 576 (what its sentiment job was tuned at) and 9.4e-4 for
 # the 32-wide models of examples/bench_value_learning.py, where 5e-5 left the value model untrained.
 LEARNING_RATE_TIMES_WIDTH = 0.03
+DEFAULT_PREFIX_REWARDS = PrefixRewards()  # fit()'s default: used where it applies (scalar head, a reward_fn)
 
 
 def fit(
@@ -72,6 +76,7 @@ def fit(
     standardize_rewards: bool = True,
     keep_best: bool = True,
     rollouts: Rollouts | None = None,
+    prefix_rewards: PrefixRewards | None = DEFAULT_PREFIX_REWARDS,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
@@ -121,6 +126,10 @@ def fit(
             against the reward, over every state) rather than the last epoch's.
         rollouts: Training data beyond the base's own samples (`Rollouts`: sibling rollouts, roll-in rounds;
             local base models only). Default: none.
+        prefix_rewards: Score every partial completion with reward_fn too (T − 1 more reward calls per sample)
+            and learn those exact labels in a second head added into the value head (`PrefixRewards`,
+            prefix_rewards.py); None: train on the returns alone. The default applies to a scalar head trained
+            on a reward_fn (given samples carry no reward function to score prefixes with).
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
@@ -129,6 +138,8 @@ def fit(
     _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
                      sampling_batch_size, learning_rate, eval_fraction)
     rollouts = _check_rollouts(rollouts)
+    if prefix_rewards is not None and not isinstance(prefix_rewards, PrefixRewards):
+        raise ValueError(f"`prefix_rewards` must be a vas_logits.PrefixRewards or None, got {prefix_rewards!r:.80}")
     siblings, top_k, rounds, rollin_beta = rollouts.siblings, rollouts.top_k, rollouts.rounds, rollouts.rollin_beta
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -192,8 +203,10 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
+    prefix_rewards = _applicable(prefix_rewards, value_model, reward_fn)
+    settings = {**rollouts.settings(), **(prefix_rewards.settings() if prefix_rewards else {})}
     trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                       run, progress, keep_best, extra_settings=rollouts.settings())
+                      run, progress, keep_best, extra_settings=settings, prefix_rewards=prefix_rewards)
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
 
     # Given samples are re-read from the user's own records at every call (tokenising is quick), never copied
@@ -201,6 +214,15 @@ def fit(
     store = SampleStore(run.samples if run and records is None else None)
     samples = _collect_samples(sampler, indexed, store, rank, world_size, seed,
                                None if records else samples_per_prompt, progress)
+
+    def with_prefix_rewards(new_samples):  # the same on every process: rank 0 scores and stores, then shares
+        if prefix_rewards is None:
+            return new_samples
+        return _on_rank_zero(lambda: score_prefixes(tokenizer, new_samples, dict(indexed), reward_fn,
+                                                    run.path / PREFIX_REWARDS_FILE if run else None,
+                                                    progress=progress), rank, world_size)
+
+    samples = with_prefix_rewards(samples)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
     eval_samples = [sample for sample in samples if sample.prompt_index in eval_indices]
     rewards = torch.tensor([sample.reward for sample in samples])
@@ -223,7 +245,7 @@ def fit(
         sibling_rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
                                             None, progress)
         logger.info("%d sibling rollouts (%d per sample)", len(sibling_rollouts), siblings)
-        train_samples = train_samples + sibling_rollouts
+        train_samples = train_samples + with_prefix_rewards(sibling_rollouts)
     for round_index in range(1, rounds + 1):
         if round_index > 1:  # roll in with VAS under the value model so far, roll out with the base
             round_sampler = RollInSampler(base_model, tokenizer, reward_fn, value_model, beta=rollin_beta,
@@ -231,8 +253,10 @@ def fit(
                                           seed=seed + 1000 * round_index, **rollout_options)
             round_store = SampleStore(run.path / round_file_name(round_index, max(1, siblings), top_k, rollin_beta)
                                       if run else None)
-            round_rollouts = _collect_samples(round_sampler, training_prompts, round_store, rank, world_size,
-                                              seed + 1000 * round_index, None, progress)
+            with trainer.merged():  # roll in with V = phi + u
+                round_rollouts = _collect_samples(round_sampler, training_prompts, round_store, rank, world_size,
+                                                  seed + 1000 * round_index, None, progress)
+            round_rollouts = with_prefix_rewards(round_rollouts)
             logger.info("Round %d: %d rollouts from VAS roll-ins (beta %g)", round_index, len(round_rollouts),
                         rollin_beta)
             train_samples = train_samples + round_rollouts
@@ -247,6 +271,29 @@ def fit(
             run.remove_checkpoints()
         logger.info("Saved the value model to %s", run.final)
     return value_model
+
+
+def _applicable(prefix_rewards: PrefixRewards | None, value_model: ValueModel, reward_fn) -> PrefixRewards | None:
+    """The prefix rewards to use: the default where they apply, an explicit request or a clear error."""
+    if prefix_rewards is None:
+        return None
+    why = (f"the value model's head is {value_model.config.head!r} (prefix rewards train a second scalar head)"
+           if value_model.config.head != "scalar" else
+           "given samples carry no reward_fn to score partial completions with" if reward_fn is None else None)
+    if why is None:
+        return prefix_rewards
+    if prefix_rewards is DEFAULT_PREFIX_REWARDS:
+        logger.info("Not scoring prefixes: %s", why)
+        return None
+    raise ValueError(f"`prefix_rewards` cannot be used here: {why}; pass prefix_rewards=None")
+
+
+def _on_rank_zero(function, rank: int, world_size: int):
+    """function() on rank 0 (which writes output_dir), its result broadcast to every process."""
+    result = [function() if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _standardize(value_model: ValueModel, rewards: torch.Tensor) -> None:

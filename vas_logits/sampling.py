@@ -29,13 +29,21 @@ class Sample:
     """One completion of one prompt. `completion_ids` ends with EOS unless it was cut at max_new_tokens.
 
     `first_state` > 0 marks a sibling rollout (siblings.py): its token at s_{first_state − 1} was not drawn by the
-    base, so only the states s_{first_state} .. s_T are trained on it."""
+    base, so only the states s_{first_state} .. s_T are trained on it. `prefix_rewards` (prefix_rewards.py):
+    r_0 .. r_T, the reward of each partial completion, kept in a file of their own (never in the samples')."""
 
     prompt_index: int
     prompt_ids: list[int]
     completion_ids: list[int]
     reward: float
     first_state: int = 0
+    prefix_rewards: list[float] | None = None
+
+    def record(self) -> dict:
+        """What a samples file stores of it."""
+        record = asdict(self)
+        del record["prefix_rewards"]
+        return record
 
 
 class SampleStore:
@@ -73,7 +81,7 @@ class SampleStore:
         """Replace the file atomically: a crash leaves either the old or the new file, never a mix."""
         temporary = self.path.with_name(self.path.name + ".tmp")
         with temporary.open("w") as file:
-            file.writelines(json.dumps(asdict(sample)) + "\n" for sample in samples)
+            file.writelines(json.dumps(sample.record()) + "\n" for sample in samples)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
@@ -83,7 +91,7 @@ class SampleStore:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as file:
-            file.writelines(json.dumps(asdict(sample)) + "\n" for sample in samples)
+            file.writelines(json.dumps(sample.record()) + "\n" for sample in samples)
             file.flush()
             os.fsync(file.fileno())
 

@@ -4,6 +4,9 @@ fit() (fit.py) gathers the samples and builds the value model; `Trainer` runs th
 
     loss = 0.5 · masked MSE of V(s_t) to its TD(lambda) target (scalar and token heads), or the cross-entropy
            to the distributional TD(lambda) target (distributional head); AdamW; gradient-norm clipping
+    prefix = with prefix rewards (prefix_rewards.py, scalar head): V = phi + u, phi a second linear head on the
+           same features trained on the prefix rewards and their increments, u on V's TD targets with phi
+           held fixed; phi is added into the value head when training ends (one scalar head, as saved)
 
 A checkpoint (weights, best weights, optimizer and RNG state, counters and the training settings) is written
 each epoch and on Ctrl-C, and resumed only with the same settings (run_dir.py keeps the folders). Progress
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .prefix_rewards import PrefixRewards
 from .run_dir import COMPLETE_MARKER, RunDirectory
 from .sampling import Sample, pad_batch
 from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
@@ -36,7 +40,8 @@ from .value_model import WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far
+BEST_NAME = "best_model.safetensors"  # in a checkpoint: the weights of the best epoch so far (phi added in)
+PREFIX_HEAD_NAME = "prefix_head.safetensors"  # in a checkpoint: phi, the prefix head, while training
 
 
 @contextlib.contextmanager
@@ -66,6 +71,7 @@ class Batch:
     lengths: torch.Tensor  # (B,) completion lengths T
     rewards: torch.Tensor  # (B,)
     first_states: torch.Tensor  # (B,) the first state trained on (0 but for sibling rollouts)
+    prefix_rewards: torch.Tensor | None = None  # (B, S) r_t of each state s_t (prefix_rewards.py), when scored
 
 
 def collate(samples: Sequence[Sample], pad_token_id: int, device) -> Batch:
@@ -78,8 +84,12 @@ def collate(samples: Sequence[Sample], pad_token_id: int, device) -> Batch:
     state_positions = state_positions.clamp(max=width - 1)  # past s_T: masked, any valid index will do
     rewards = torch.tensor([sample.reward for sample in samples])
     first_states = torch.tensor([sample.first_state for sample in samples])
+    prefix_rewards = None
+    if all(sample.prefix_rewards is not None for sample in samples):  # r_0 .. r_T, padded with R past s_T
+        padded = [s.prefix_rewards + [s.reward] * (num_states - len(s.prefix_rewards)) for s in samples]
+        prefix_rewards = torch.tensor(padded).to(device)
     return Batch(input_ids.to(device), attention_mask.to(device), state_positions.to(device), lengths.to(device),
-                  rewards.to(device), first_states.to(device))
+                 rewards.to(device), first_states.to(device), prefix_rewards)
 
 
 def trained_states(batch: Batch, num_states: int) -> torch.Tensor:
@@ -92,7 +102,8 @@ class Trainer:
     """The optimisation loop, its checkpoints and its evaluation; fit() is the public face."""
 
     def __init__(self, value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                 run: RunDirectory | None, progress, keep_best, extra_settings: dict | None = None):
+                 run: RunDirectory | None, progress, keep_best, extra_settings: dict | None = None,
+                 prefix_rewards: PrefixRewards | None = None):
         self.value_model, self.max_grad_norm, self.gamma, self.lam = value_model, max_grad_norm, gamma, lam
         self.pad_token_id, self.rank, self.world_size = pad_token_id, rank, world_size
         self.run, self.progress, self.keep_best = run, progress and rank == 0, keep_best
@@ -101,7 +112,19 @@ class Trainer:
         self.best_error, self.best_state = math.inf, None  # the held-out error and weights of the best epoch
         self.device = value_model.device
         self.model = DistributedDataParallel(value_model) if world_size > 1 else value_model
-        self.optimizer = torch.optim.AdamW(value_model.parameters(), lr=learning_rate)
+        self.prefix_rewards, self.prefix_head = prefix_rewards, None
+        parameters = list(value_model.parameters())
+        if prefix_rewards is not None:
+            if value_model.config.head != "scalar":
+                raise ValueError(f"`prefix_rewards` trains a second scalar head: it needs head='scalar', not "
+                                 f"{value_model.config.head!r} (pass prefix_rewards=None)")
+            # phi, zero at the start like the value head; outside DDP, so its gradients are averaged by hand
+            self.prefix_head = torch.nn.Linear(value_model.head.in_features, 1, device=self.device,
+                                               dtype=value_model.dtype)
+            torch.nn.init.zeros_(self.prefix_head.weight)
+            torch.nn.init.zeros_(self.prefix_head.bias)
+            parameters += list(self.prefix_head.parameters())
+        self.optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         # samples_in_epoch: how many of this process's samples (in the epoch's order) the current epoch has trained on
         self.epoch, self.samples_in_epoch, self.global_step = 0, 0, 0
 
@@ -120,8 +143,12 @@ class Trainer:
         vocab_size = self.value_model.backbone_config.vocab_size
         token = 0 if self.pad_token_id != 0 or vocab_size < 2 else 1
         dummy = [Sample(0, [token, token], [token, token, token], 0.0), Sample(1, [token], [token], 1.0)]
+        if self.prefix_head is not None:
+            dummy = [Sample(0, [token, token], [token, token, token], 0.0, prefix_rewards=[0.0, 0.5, 1.0, 0.0]),
+                     Sample(1, [token], [token], 1.0, prefix_rewards=[1.0, 1.0])]
         was_training = self.value_model.training
-        saved_grads = [parameter.grad for parameter in self.value_model.parameters()]
+        parameters = [group_parameter for group in self.optimizer.param_groups for group_parameter in group["params"]]
+        saved_grads = [parameter.grad for parameter in parameters]
         model, self.model = self.model, self.value_model  # not through DDP: no collective for a dry run
         self.value_model.train()
         try:
@@ -129,6 +156,8 @@ class Trainer:
             loss.backward()
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"a training step on a dummy batch gave a non-finite loss ({loss.item()})")
+            if all(parameter.grad is None for parameter in self.value_model.parameters()):
+                raise ValueError("no weight of the value model received a gradient (all frozen?)")
         except Exception as error:
             raise RuntimeError(
                 f"The value model cannot be trained: one forward/backward pass on a dummy batch failed before "
@@ -136,7 +165,7 @@ class Trainer:
             ) from error
         finally:
             self.model = model
-            for parameter, grad in zip(self.value_model.parameters(), saved_grads):
+            for parameter, grad in zip(parameters, saved_grads):
                 parameter.grad = grad
             self.value_model.train(was_training)
 
@@ -161,10 +190,15 @@ class Trainer:
             targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
             return loss, state_values, rewards, mask
+        with_prefix = self.prefix_head is not None
         with autocast:
-            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                return_hidden=with_prefix)
+            phi = self.prefix_head(output.hidden).float().squeeze(-1) if with_prefix else None  # (B, L)
         state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
         mask = trained_states(batch, state_values.shape[1])
+        if with_prefix:
+            return self._prefix_losses(batch, phi.gather(1, batch.state_positions), state_values, rewards, mask)
         if self.value_model.distributional:
             index = batch.state_positions[..., None].expand(-1, -1, output.logits.shape[-1])
             log_probs = output.logits.float().gather(1, index).log_softmax(-1)  # (B, S, A)
@@ -175,6 +209,48 @@ class Trainer:
             targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
         return loss, state_values, rewards, mask
+
+    def _prefix_losses(self, batch: Batch, phi: torch.Tensor, u: torch.Tensor, rewards: torch.Tensor,
+                       mask: torch.Tensor):
+        """V = phi + u (module docstring): V's TD loss trains u (phi held fixed), phi's own loss the prefix rewards
+        r_t (states s_1 .. s_T: r_0 is never scored) and their increments (not for samples without them: given
+        samples). phi, u, mask: (B, S)."""
+        values = phi.detach() + u
+        targets = td_lambda_targets(values, rewards, batch.lengths, self.gamma, self.lam)
+        loss = 0.5 * ((values - targets) ** 2 * mask).sum() / mask.sum()
+        if batch.prefix_rewards is None:
+            return loss + 0.0 * phi.sum(), (phi + u).detach(), rewards, mask  # phi in the graph all the same
+        prefix = (batch.prefix_rewards - self.reward_mean) / self.reward_std  # (B, S) in the value's units
+        scored = mask.clone()
+        scored[:, 0] = False
+        if scored.any():
+            loss = loss + self.prefix_rewards.weight * 0.5 * ((phi - prefix) ** 2 * scored).sum() / scored.sum()
+        steps = scored[:, 1:] & scored[:, :-1]  # increments r_t − r_{t−1} between two scored states
+        if steps.any():
+            increments = (phi[:, 1:] - phi[:, :-1]) - (prefix[:, 1:] - prefix[:, :-1])
+            loss = loss + self.prefix_rewards.increment_weight * 0.5 * (increments ** 2 * steps).sum() / steps.sum()
+        return loss, (phi + u).detach(), rewards, mask
+
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """The value model's weights with phi added into its head: the model V = phi + u as one scalar head."""
+        state = {key: value.detach().clone() for key, value in self.value_model.state_dict().items()}
+        if self.prefix_head is not None:
+            state["head.weight"] += self.prefix_head.weight.detach()
+            state["head.bias"] += self.prefix_head.bias.detach()
+        return state
+
+    @contextlib.contextmanager
+    def merged(self):
+        """The value model as V = phi + u while the block runs (a roll-in round decodes with it), then as it was."""
+        if self.prefix_head is None:
+            yield
+            return
+        saved = {key: value.detach().clone() for key, value in self.value_model.state_dict().items()}
+        self.value_model.load_state_dict(self.merged_state())
+        try:
+            yield
+        finally:
+            self.value_model.load_state_dict(saved)
 
     def train(self, train_samples, eval_samples, epochs, batch_size, seed, final: bool = True,
               first_epoch: int = 0) -> None:
@@ -208,7 +284,8 @@ class Trainer:
                     loss = self.losses(batch)[0]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.max_grad_norm)
+                    self._average_prefix_gradients()
+                    torch.nn.utils.clip_grad_norm_(self._parameters(), self.max_grad_norm)
                     with interrupts_held():  # the update and the counters that record it, together
                         self.optimizer.step()
                         self.samples_in_epoch = start + len(indices)
@@ -222,7 +299,7 @@ class Trainer:
                                 self.epoch + 1, metrics["loss"], metrics["error"], metrics["correlation"])
                     if self.keep_best and metrics["error"] < self.best_error:
                         self.best_error = metrics["error"]
-                        self.best_state = {k: v.detach().clone() for k, v in self.value_model.state_dict().items()}
+                        self.best_state = self.merged_state()
                 with interrupts_held():
                     self.epoch, self.samples_in_epoch = self.epoch + 1, 0
                 self._save_checkpoint()
@@ -234,6 +311,24 @@ class Trainer:
         if final and self.best_state is not None:
             logger.info("Keeping the weights of the epoch with the lowest held-out error (%.4f)", self.best_error)
             self.value_model.load_state_dict(self.best_state)
+        elif final:
+            self.value_model.load_state_dict(self.merged_state())
+        if final and self.prefix_head is not None:  # phi now lives in the value head
+            torch.nn.init.zeros_(self.prefix_head.weight)
+            torch.nn.init.zeros_(self.prefix_head.bias)
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+
+    def _average_prefix_gradients(self) -> None:
+        """DDP averages the value model's gradients; phi's (hidden + 1 numbers) are averaged here."""
+        if self.prefix_head is None or self.world_size == 1:
+            return
+        for parameter in self.prefix_head.parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            torch.distributed.all_reduce(parameter.grad)
+            parameter.grad /= self.world_size
 
     def _epoch_order(self, num_samples: int, seed: int) -> list[int]:
         """This process's samples in the epoch's order: one shuffled order for all, padded so that every process
@@ -286,6 +381,9 @@ class Trainer:
 
         def write(folder: Path) -> None:
             self.value_model.save_pretrained(folder)
+            if self.prefix_head is not None:
+                save_file({k: v.contiguous().cpu() for k, v in self.prefix_head.state_dict().items()},
+                          str(folder / PREFIX_HEAD_NAME))
             if self.best_state is not None:
                 save_file({k: v.contiguous().cpu() for k, v in self.best_state.items()}, str(folder / BEST_NAME))
             torch.save({"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
@@ -311,6 +409,8 @@ class Trainer:
                 f"output_dir, or overwrite_output_dir=True to start over. {error}"
             ) from error
         self._check_settings(state, directory)
+        if self.prefix_head is not None:
+            self.prefix_head.load_state_dict(load_file(str(directory / PREFIX_HEAD_NAME), device=str(self.device)))
         training_state = torch.load(directory / "training_state.pt", map_location=self.device, weights_only=True)
         learning_rates = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(training_state["optimizer"])

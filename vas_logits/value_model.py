@@ -173,10 +173,13 @@ class ValueModelOutput(ModelOutput):
         logits: (batch, seq, num_atoms) float32, the distributional head's logits over the atoms (None for the
             scalar head).
         cache: The backbone's transformers Cache when `use_cache=True`.
+        hidden: (batch, seq, hidden) the backbone's last hidden state, when `return_hidden=True` (fit()'s
+            prefix head reads it).
     """
 
     values: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
     # Named `cache`, as transformers >= 5.24 names it: from 5.24 on, a ModelOutput field called
     # `past_key_values` cannot be set (its constructor keyword is rewritten to `cache`).
     cache: Any = None
@@ -328,6 +331,7 @@ class ValueModel(nn.Module):
         use_cache: bool = False,
         past_key_values: Any = None,
         next_tokens: torch.LongTensor | None = None,
+        return_hidden: bool = False,
     ) -> ValueModelOutput:
         """Values of every prefix of `input_ids` (token head: Q of next tokens after every prefix).
 
@@ -342,6 +346,7 @@ class ValueModel(nn.Module):
             past_key_values: Deprecated name of `cache` (transformers' own before 5.24).
             next_tokens: Token head only: (batch, n, m) ids a whose Q(prefix, a) to return at each of the last
                 n <= seq positions (decoding passes n = 1; default: every token of the vocabulary, everywhere).
+            return_hidden: Also return the backbone's last hidden state (`hidden`).
 
         Returns:
             ValueModelOutput with `values` (batch, seq) float32 ((batch, seq, m) for the token head), and `logits`
@@ -369,7 +374,8 @@ class ValueModel(nn.Module):
         head = self.head(outputs.last_hidden_state).float()  # (B, T, 1) or (B, T, A)
         logits = head if self.distributional else None
         values = head.softmax(-1) @ self.atoms if self.distributional else head.squeeze(-1)  # (B, T)
-        return ValueModelOutput(values=values, logits=logits, cache=cache)
+        hidden = outputs.last_hidden_state if return_hidden else None
+        return ValueModelOutput(values=values, logits=logits, cache=cache, hidden=hidden)
 
     def _token_values(self, hidden: torch.Tensor, next_tokens: torch.LongTensor | None) -> torch.Tensor:
         """Token head: (B, n, m) Q(s_t, a) = head(h_t) · e_a + b_a for next_tokens (B, n, m) at the last n
