@@ -310,9 +310,10 @@ def test_fit_samples_through_a_vllm_engine_and_resumes_without_sampling_again(en
                    samples_per_prompt=3, max_new_tokens=6, output_dir=tmp_path, progress=False)
 
     first = run()
-    assert sum(calls) == 36
     stored = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(stored) == 36 and {s["prompt_index"] for s in stored} == set(range(12))
+    prefixes = sum(len(s["completion_ids"]) - 1 for s in stored)  # fit()'s prefix rewards: T − 1 per sample
+    assert sum(calls) == 36 + prefixes
     for sample in stored:
         assert sample["prompt_ids"] == tokenizer(prompts[sample["prompt_index"]])["input_ids"]
         assert len(sample["completion_ids"]) == 6 or sample["completion_ids"][-1] == EOS
@@ -326,6 +327,6 @@ def test_fit_samples_through_a_vllm_engine_and_resumes_without_sampling_again(en
     assert sorted(list(c.token_ids) for c in again[0].outputs) == sorted(
         s["completion_ids"] for s in stored if s["prompt_index"] == index)
     second = run()
-    assert sum(calls) == 36  # nothing sampled or scored again
+    assert sum(calls) == 36 + prefixes  # nothing sampled or scored again
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
