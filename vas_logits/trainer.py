@@ -147,7 +147,7 @@ class Trainer:
             dummy = [Sample(0, [token, token], [token, token, token], 0.0, prefix_rewards=[0.0, 0.5, 1.0, 0.0]),
                      Sample(1, [token], [token], 1.0, prefix_rewards=[1.0, 1.0])]
         was_training = self.value_model.training
-        parameters = [group_parameter for group in self.optimizer.param_groups for group_parameter in group["params"]]
+        parameters = self._parameters()
         saved_grads = [parameter.grad for parameter in parameters]
         model, self.model = self.model, self.value_model  # not through DDP: no collective for a dry run
         self.value_model.train()
