@@ -114,3 +114,5 @@ def test_prefix_reward_options_map_to_fits_default_or_a_prefix_rewards_of_their_
     given = _prefix_rewards(build_parser().parse_args(required + ["--prefix-increment-weight", "5"]))
     assert given == PrefixRewards(increment_weight=5.0) and given is not DEFAULT_PREFIX_REWARDS
     assert build_parser().parse_args(required + ["--no-prefix-rewards"]).no_prefix_rewards
+    given = _prefix_rewards(build_parser().parse_args(required + ["--prefix-candidates", "6"]))
+    assert given == PrefixRewards(candidates=6) and isinstance(given.candidates, int)

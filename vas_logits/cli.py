@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     prefixes.add_argument("--no-prefix-rewards", action="store_true",
                           help="train on the returns alone (no reward calls on partial completions)")
     for option in dataclasses.fields(PrefixRewards):
-        prefixes.add_argument(f"--prefix-{option.name.replace('_', '-')}", type=float, default=option.default,
-                              help=option.metadata["help"])
+        prefixes.add_argument(f"--prefix-{option.name.replace('_', '-')}", type=type(option.default),
+                              default=option.default, help=option.metadata["help"])
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
     training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),

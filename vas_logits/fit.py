@@ -6,6 +6,8 @@
     loss     = 0.5 · masked MSE over the states s_0 .. s_T of each completion; AdamW   (trainer.py)
     prefixes = the reward of every partial completion, exact labels for a second head phi of V = phi + u,
                added into the value head at the end                                       (prefix_rewards.py)
+    candidates = with `PrefixRewards(candidates=k)`, the same for the base's top-k next tokens at every state
+                                                                                       (candidate_rewards.py)
 
 The base model is only sampled from: its weights, their requires_grad and its train/eval mode are as they
 were when fit() returns. With `output_dir` nothing is lost: samples are appended as they are scored, a
@@ -15,6 +17,7 @@ checkpoint is written each epoch and on Ctrl-C, and calling fit() again resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,6 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from .candidate_rewards import candidates_file_name, score_candidates
 from .prefix_rewards import PREFIX_REWARDS_FILE, PrefixRewards, score_prefixes
 from .run_dir import RunDirectory, sampling_fingerprint
 from .samplers import make_sampler
@@ -129,7 +133,8 @@ def fit(
         prefix_rewards: Score every partial completion with reward_fn too (T − 1 more reward calls per sample)
             and learn those exact labels in a second head added into the value head (`PrefixRewards`,
             prefix_rewards.py); None: train on the returns alone. The default applies to a scalar head trained
-            on a reward_fn (given samples carry no reward function to score prefixes with).
+            on a reward_fn (given samples carry no reward function to score prefixes with); its candidates
+            (the base's top-k at every state scored too) need a local base model and are dropped otherwise.
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
@@ -203,7 +208,7 @@ def fit(
     num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
-    prefix_rewards = _applicable(prefix_rewards, value_model, reward_fn)
+    prefix_rewards = _applicable(prefix_rewards, value_model, reward_fn, base_model if local else None)
     settings = {**rollouts.settings(), **(prefix_rewards.settings() if prefix_rewards else {})}
     trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
                       run, progress, keep_best, extra_settings=settings, prefix_rewards=prefix_rewards)
@@ -218,9 +223,16 @@ def fit(
     def with_prefix_rewards(new_samples):  # the same on every process: rank 0 scores and stores, then shares
         if prefix_rewards is None:
             return new_samples
-        return _on_rank_zero(lambda: score_prefixes(tokenizer, new_samples, dict(indexed), reward_fn,
-                                                    run.path / PREFIX_REWARDS_FILE if run else None,
-                                                    progress=progress), rank, world_size)
+        def score():
+            scored = score_prefixes(tokenizer, new_samples, dict(indexed), reward_fn,
+                                    run.path / PREFIX_REWARDS_FILE if run else None, progress=progress)
+            if not prefix_rewards.candidates:
+                return scored
+            return score_candidates(base_model, tokenizer, scored, dict(indexed), reward_fn, prefix_rewards.candidates,
+                                    run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
+                                    pad_token_id, progress=progress)
+
+        return _on_rank_zero(score, rank, world_size)
 
     samples = with_prefix_rewards(samples)
     train_samples = [sample for sample in samples if sample.prompt_index not in eval_indices]
@@ -273,19 +285,31 @@ def fit(
     return value_model
 
 
-def _applicable(prefix_rewards: PrefixRewards | None, value_model: ValueModel, reward_fn) -> PrefixRewards | None:
+def _applicable(prefix_rewards: PrefixRewards | None, value_model: ValueModel, reward_fn,
+                local_model) -> PrefixRewards | None:
     """The prefix rewards to use: the default where they apply, an explicit request or a clear error."""
     if prefix_rewards is None:
         return None
     why = (f"the value model's head is {value_model.config.head!r} (prefix rewards train a second scalar head)"
            if value_model.config.head != "scalar" else
            "given samples carry no reward_fn to score partial completions with" if reward_fn is None else None)
-    if why is None:
-        return prefix_rewards
-    if prefix_rewards is DEFAULT_PREFIX_REWARDS:
-        logger.info("Not scoring prefixes: %s", why)
-        return None
-    raise ValueError(f"`prefix_rewards` cannot be used here: {why}; pass prefix_rewards=None")
+    default = prefix_rewards is DEFAULT_PREFIX_REWARDS
+    if why is not None:
+        if default:
+            logger.info("Not scoring prefixes: %s", why)
+            return None
+        raise ValueError(f"`prefix_rewards` cannot be used here: {why}; pass prefix_rewards=None")
+    if prefix_rewards.candidates and local_model is None:  # the base's top-k needs its logits
+        if default:
+            logger.info("Not scoring candidates: they need a local transformers base model")
+            return dataclasses.replace(prefix_rewards, candidates=0)
+        raise ValueError(f"`prefix_rewards.candidates={prefix_rewards.candidates}` needs a local transformers base "
+                         f"model (it reads the base's top-k at every state): pass candidates=0")
+    vocab_size = value_model.backbone_config.vocab_size
+    if prefix_rewards.candidates > vocab_size:
+        raise ValueError(f"`prefix_rewards.candidates={prefix_rewards.candidates}` exceeds the vocabulary "
+                         f"({vocab_size} tokens)")
+    return prefix_rewards
 
 
 def _on_rank_zero(function, rank: int, world_size: int):

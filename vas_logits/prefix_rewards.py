@@ -19,6 +19,7 @@ The labels are unbiased: Q is still learned from the returns; phi only carries w
 
 Cost: T − 1 reward calls per completion (VADER: about 20,000 a second), scored in batches and appended to
 `prefix-rewards.jsonl` in output_dir, so an interrupted run resumes with the samples not scored yet.
+`candidates=k` also scores the base's top-k next tokens at every state (candidate_rewards.py): k · T more calls.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class PrefixRewards:
         "loss weight of the prefix head on the increments r_t − r_(t−1): the per-token changes VAS steers by, "
         "rare and small next to the levels, hence the larger weight (10 and 100 steered less on the sentiment "
         "benchmark)")})
+    candidates: int = field(default=0, metadata={"help": (
+        "also score the base's top-N next tokens at every sampled state and train the prefix head on their "
+        "contrasts to the drawn token (candidate_rewards.py; a local base model only; 0: off)")})
 
     def __post_init__(self):
         for name in ("weight", "increment_weight"):
@@ -59,12 +63,15 @@ class PrefixRewards:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or \
                     not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
+            raise ValueError(f"`candidates` must be an int >= 0, got {self.candidates!r}")
         if self.weight == 0 and self.increment_weight == 0:
             raise ValueError("`weight` and `increment_weight` are both 0: pass prefix_rewards=None to fit() instead")
 
     def settings(self) -> dict:
-        """What a checkpoint records of them."""
-        return {f"prefix_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)}
+        """What a checkpoint records of them (candidates only when used: older checkpoints resume unchanged)."""
+        return {f"prefix_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "candidates" or self.candidates}
 
 
 def sample_key(sample: Sample) -> str:
@@ -97,7 +104,7 @@ def score_prefixes(
         texts_per_call: Prefixes per reward_fn call.
     """
     path = Path(path) if path is not None else None
-    stored = _load(path)
+    stored = load_records(path)
     missing = [sample for sample in samples  # (a stored record of another length is scored again)
                if len(prefix_ends(sample)) and len(stored.get(sample_key(sample), ())) != len(prefix_ends(sample))]
     if missing:
@@ -125,7 +132,7 @@ def score_prefixes(
             stored[sample_key(sample)] = rewards[position : position + count]
             records.append({"key": sample_key(sample), "rewards": rewards[position : position + count]})
             position += count
-        _append(path, records)
+        append_records(path, records)
     return [dataclasses.replace(sample, prefix_rewards=_full(sample, stored.get(sample_key(sample), [])))
             for sample in samples]
 
@@ -136,21 +143,23 @@ def _full(sample: Sample, scored: list[float]) -> list[float]:
     return values[:1] + values
 
 
-def _load(path: Path | None) -> dict[str, list[float]]:
-    """The stored records; a last line cut short by a crash, or one that does not read, is scored again."""
+def load_records(path: Path | None, parse=lambda record: [float(value) for value in record["rewards"]]) -> dict:
+    """The stored records, {key: parse(record)}; a last line cut short by a crash, or one that does not read
+    (or parse), is scored again."""
     if path is None or not path.exists():
         return {}
     stored = {}
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
-            stored[record["key"]] = [float(value) for value in record["rewards"]]
+            stored[record["key"]] = parse(record)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             logger.warning("Skipping an unreadable line of %s (its sample is scored again)", path)
     return stored
 
 
-def _append(path: Path | None, records: list[dict]) -> None:
+def append_records(path: Path | None, records: list[dict]) -> None:
+    """Append JSON lines to `path` and sync them to disk (a line cut short by an earlier crash is ended first)."""
     if path is None or not records:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

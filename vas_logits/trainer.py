@@ -6,7 +6,9 @@ fit() (fit.py) gathers the samples and builds the value model; `Trainer` runs th
            to the distributional TD(lambda) target (distributional head); AdamW; gradient-norm clipping
     prefix = with prefix rewards (prefix_rewards.py, scalar head): V = phi + u, phi a second linear head on the
            same features trained on the prefix rewards and their increments, u on V's TD targets with phi
-           held fixed; phi is added into the value head when training ends (one scalar head, as saved)
+           held fixed; phi is added into the value head when training ends (one scalar head, as saved).
+           With candidate rewards (candidate_rewards.py), each state's candidates are appended to the batch
+           (a 4-D mask: each sees its prefix and itself) and phi learns their contrasts to the drawn token
 
 A checkpoint (weights, best weights, optimizer and RNG state, counters and the training settings) is written
 each epoch and on Ctrl-C, and resumed only with the same settings (run_dir.py keeps the folders). Progress
@@ -33,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .prefix_rewards import PrefixRewards
+from .processor import attention_layout
 from .run_dir import COMPLETE_MARKER, RunDirectory
 from .sampling import Sample, pad_batch
 from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
@@ -72,9 +75,17 @@ class Batch:
     rewards: torch.Tensor  # (B,)
     first_states: torch.Tensor  # (B,) the first state trained on (0 but for sibling rollouts)
     prefix_rewards: torch.Tensor | None = None  # (B, S) r_t of each state s_t (prefix_rewards.py), when scored
+    # With candidate rewards (candidate_rewards.py), the k candidates of each state s_0 .. s_{S−2} follow the
+    # sequence: input_ids is then (B, L + (S − 1) k) and these are set:
+    allowed: torch.Tensor | None = None  # (B, L', L') bool: which column each column attends to
+    position_ids: torch.Tensor | None = None  # (B, L')
+    candidate_columns: torch.Tensor | None = None  # (B, S − 1, k) the column of candidate j at state s_t
+    candidate_rewards: torch.Tensor | None = None  # (B, S − 1, k) r(s_t∘a_j)
+    candidate_valid: torch.Tensor | None = None  # (B, S − 1, k) t < T
 
 
-def collate(samples: Sequence[Sample], pad_token_id: int, device) -> Batch:
+def collate(samples: Sequence[Sample], pad_token_id: int, device, candidates: bool = False) -> Batch:
+    """A right-padded batch; `candidates`: with each state's candidates appended (when all samples have them)."""
     input_ids, attention_mask = pad_batch([s.prompt_ids + s.completion_ids for s in samples], pad_token_id, "right")
     width = input_ids.shape[1]
     lengths = torch.tensor([len(sample.completion_ids) for sample in samples])
@@ -88,8 +99,59 @@ def collate(samples: Sequence[Sample], pad_token_id: int, device) -> Batch:
     if all(sample.prefix_rewards is not None for sample in samples):  # r_0 .. r_T, padded with R past s_T
         padded = [s.prefix_rewards + [s.reward] * (num_states - len(s.prefix_rewards)) for s in samples]
         prefix_rewards = torch.tensor(padded).to(device)
-    return Batch(input_ids.to(device), attention_mask.to(device), state_positions.to(device), lengths.to(device),
-                 rewards.to(device), first_states.to(device), prefix_rewards)
+    batch = Batch(input_ids, attention_mask, state_positions, lengths, rewards, first_states, prefix_rewards)
+    if candidates and all(sample.candidate_ids is not None for sample in samples):
+        _append_candidates(batch, samples, prompt_lengths)
+    return Batch(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
+                    for name, value in vars(batch).items()})
+
+
+def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: torch.Tensor) -> None:
+    """Append the candidates of every state after the padded sequences, each attending to its own prefix (the
+    columns up to its state's last token) and to itself, at the position of the next token."""
+    batch_size, width = batch.input_ids.shape
+    num_states = batch.state_positions.shape[1] - 1  # s_0 .. s_{S−2}: the states with a next token
+    top_k = max((len(row) for sample in samples for row in sample.candidate_ids), default=1)
+    ids = torch.zeros(batch_size, num_states, top_k, dtype=torch.long)
+    rewards = torch.zeros(batch_size, num_states, top_k)
+    valid = torch.zeros(batch_size, num_states, top_k, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        for t, (tokens, values) in enumerate(zip(sample.candidate_ids, sample.candidate_rewards)):
+            ids[row, t, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            rewards[row, t, : len(values)] = torch.tensor(values)
+            valid[row, t, : len(tokens)] = True
+    extra = num_states * top_k
+    total = width + extra
+    state_ends = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]  # (B, S − 1) last column of s_t
+    candidate_positions = (state_ends + 1)[..., None].expand(-1, -1, top_k).reshape(batch_size, extra)
+    columns = torch.arange(total)
+    real = batch.attention_mask.bool()
+    allowed = torch.zeros(batch_size, total, total, dtype=torch.bool)
+    allowed[:, :width, :width] = real[:, None, :] & (columns[None, :width, None] >= columns[None, None, :width])
+    allowed[:, :width, :width] |= torch.eye(width, dtype=torch.bool)  # even a pad sees itself: no empty rows
+    limit = (state_ends[..., None].expand(-1, -1, top_k).reshape(batch_size, extra))  # (B, E)
+    allowed[:, width:, :width] = real[:, None, :] & (columns[None, None, :width] <= limit[..., None])
+    allowed[:, width:, width:] = torch.eye(extra, dtype=torch.bool)
+    batch.input_ids = torch.cat([batch.input_ids, ids.reshape(batch_size, extra)], dim=1)
+    batch.position_ids = torch.cat([torch.arange(width).expand(batch_size, -1), candidate_positions], dim=1)
+    batch.allowed = allowed
+    batch.candidate_columns = width + torch.arange(extra).reshape(num_states, top_k).expand(batch_size, -1, -1)
+    batch.candidate_rewards, batch.candidate_valid = rewards, valid
+
+
+def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dtype: torch.dtype):
+    """(B, 1, L, L) additive float masks from `allowed` (B, L, L) for a backbone of this attention layout
+    (processor.attention_layout): one, or a dict per layer type when sliding layers see less."""
+    layer_types, window = layout
+    by_type = {}
+    for layer_type in set(layer_types):
+        keep = allowed
+        if layer_type == "sliding_attention":  # key within the window: q_pos − k_pos < window
+            keep = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+            keep = keep | torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+        by_type[layer_type] = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+            ~keep, torch.finfo(dtype).min)[:, None]
+    return next(iter(by_type.values())) if len(by_type) == 1 else by_type
 
 
 def trained_states(batch: Batch, num_states: int) -> torch.Tensor:
@@ -144,15 +206,19 @@ class Trainer:
         token = 0 if self.pad_token_id != 0 or vocab_size < 2 else 1
         dummy = [Sample(0, [token, token], [token, token, token], 0.0), Sample(1, [token], [token], 1.0)]
         if self.prefix_head is not None:
-            dummy = [Sample(0, [token, token], [token, token, token], 0.0, prefix_rewards=[0.0, 0.5, 1.0, 0.0]),
-                     Sample(1, [token], [token], 1.0, prefix_rewards=[1.0, 1.0])]
+            with_candidates = bool(self.prefix_rewards.candidates)
+            candidates = [dict(candidate_ids=[[token]] * length, candidate_rewards=[[0.5]] * length)
+                          if with_candidates else {} for length in (3, 1)]
+            dummy = [Sample(0, [token, token], [token, token, token], 0.0, prefix_rewards=[0.0, 0.5, 1.0, 0.0],
+                            **candidates[0]),
+                     Sample(1, [token], [token], 1.0, prefix_rewards=[1.0, 1.0], **candidates[1])]
         was_training = self.value_model.training
         parameters = self._parameters()
         saved_grads = [parameter.grad for parameter in parameters]
         model, self.model = self.model, self.value_model  # not through DDP: no collective for a dry run
         self.value_model.train()
         try:
-            loss = self.losses(collate(dummy, self.pad_token_id, self.device))[0]
+            loss = self.losses(collate(dummy, self.pad_token_id, self.device, candidates=True))[0]
             loss.backward()
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"a training step on a dummy batch gave a non-finite loss ({loss.item()})")
@@ -191,14 +257,18 @@ class Trainer:
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
             return loss, state_values, rewards, mask
         with_prefix = self.prefix_head is not None
+        attention_mask = batch.attention_mask
+        if batch.allowed is not None:  # candidates appended: each sees its prefix and itself
+            attention_mask = additive_masks(batch.allowed, batch.position_ids, attention_layout(self.value_model),
+                                            self.value_model.dtype)
         with autocast:
-            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                return_hidden=with_prefix)
+            output = self.model(input_ids=batch.input_ids, attention_mask=attention_mask,
+                                position_ids=batch.position_ids, return_hidden=with_prefix)
             phi = self.prefix_head(output.hidden).float().squeeze(-1) if with_prefix else None  # (B, L)
         state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
         mask = trained_states(batch, state_values.shape[1])
         if with_prefix:
-            return self._prefix_losses(batch, phi.gather(1, batch.state_positions), state_values, rewards, mask)
+            return self._prefix_losses(batch, phi, state_values, rewards, mask)
         if self.value_model.distributional:
             index = batch.state_positions[..., None].expand(-1, -1, output.logits.shape[-1])
             log_probs = output.logits.float().gather(1, index).log_softmax(-1)  # (B, S, A)
@@ -210,11 +280,13 @@ class Trainer:
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
         return loss, state_values, rewards, mask
 
-    def _prefix_losses(self, batch: Batch, phi: torch.Tensor, u: torch.Tensor, rewards: torch.Tensor,
+    def _prefix_losses(self, batch: Batch, phi_columns: torch.Tensor, u: torch.Tensor, rewards: torch.Tensor,
                        mask: torch.Tensor):
         """V = phi + u (module docstring): V's TD loss trains u (phi held fixed), phi's own loss the prefix rewards
-        r_t (states s_1 .. s_T: r_0 is never scored) and their increments (not for samples without them: given
-        samples). phi, u, mask: (B, S)."""
+        r_t (states s_1 .. s_T: r_0 is never scored), their increments (not for samples without them: given
+        samples) and, with candidates, each candidate's contrast to the drawn token. phi_columns: (B, L) phi at
+        every column; u, mask: (B, S)."""
+        phi = phi_columns.gather(1, batch.state_positions)  # (B, S)
         values = phi.detach() + u
         targets = td_lambda_targets(values, rewards, batch.lengths, self.gamma, self.lam)
         loss = 0.5 * ((values - targets) ** 2 * mask).sum() / mask.sum()
@@ -229,6 +301,14 @@ class Trainer:
         if steps.any():
             increments = (phi[:, 1:] - phi[:, :-1]) - (prefix[:, 1:] - prefix[:, :-1])
             loss = loss + self.prefix_rewards.increment_weight * 0.5 * (increments ** 2 * steps).sum() / steps.sum()
+        valid = batch.candidate_valid & mask[:, :-1, None] if batch.candidate_columns is not None else None
+        if valid is not None and valid.any():  # phi(s_t∘a) − phi(s_{t+1}) against r(s_t∘a) − r_{t+1}
+            batch_size, num_states, top_k = batch.candidate_columns.shape
+            phi_candidates = phi_columns.gather(1, batch.candidate_columns.reshape(batch_size, -1))
+            candidates = (batch.candidate_rewards - self.reward_mean) / self.reward_std  # (B, S − 1, k)
+            contrasts = (phi_candidates.view(batch_size, num_states, top_k) - phi[:, 1:, None]) - \
+                (candidates - prefix[:, 1:, None])
+            loss = loss + self.prefix_rewards.increment_weight * 0.5 * (contrasts ** 2 * valid).sum() / valid.sum()
         return loss, (phi + u).detach(), rewards, mask
 
     def merged_state(self) -> dict[str, torch.Tensor]:
@@ -280,7 +360,8 @@ class Trainer:
                 self.value_model.train()
                 for start in starts:
                     indices = order[start : start + batch_size]
-                    batch = collate([train_samples[i] for i in indices], self.pad_token_id, self.device)
+                    batch = collate([train_samples[i] for i in indices], self.pad_token_id, self.device,
+                                    candidates=True)
                     loss = self.losses(batch)[0]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()

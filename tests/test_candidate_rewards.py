@@ -1,0 +1,129 @@
+"""Candidate rewards: the base's top-k at every state scored, stored and resumed; the candidates appended to a
+training batch are valued exactly as their own prefixes; the prefix head learns their contrasts."""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import ARCHITECTURES, count_good_words, tiny_causal_lm, tiny_value_model, word_tokenizer
+from vas_logits import PrefixRewards, ValueModel, fit
+from vas_logits.candidate_rewards import score_candidates
+from vas_logits.processor import attention_layout
+from vas_logits.sampling import Sample
+from vas_logits.trainer import additive_masks, collate, trained_states
+
+FIT = dict(samples_per_prompt=2, max_new_tokens=6, epochs=1, batch_size=4, sampling_batch_size=8, progress=False)
+
+
+class Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, prompts, completions):
+        self.seen += list(zip(prompts, completions))
+        return count_good_words(prompts, completions)
+
+
+def samples_of(tokenizer):
+    texts = ["w10 w40 w10 w11", "w40 w41", "w10"]
+    return [Sample(index, tokenizer(f"w{5 + index} w6")["input_ids"],
+                   tokenizer(text, add_special_tokens=False)["input_ids"], float(text.split().count("w10")))
+            for index, text in enumerate(texts)]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_appended_candidates_are_valued_as_their_own_prefixes_and_leave_the_sequence_unchanged(architecture):
+    """V at a candidate's column of the extended batch = V(prefix ∘ a) from a plain forward, for every state, with
+    right padding, sliding windows (Mistral, Qwen2) and absolute positions (GPT-2)."""
+    value_model = tiny_value_model(architecture)
+    samples = [Sample(0, [1, 5, 6, 7, 8], [10, 11, 12, 13, 14, 15, 16], 0.0),
+               Sample(1, [1, 9], [20, 21, 2], 1.0)]
+    samples = [Sample(s.prompt_index, s.prompt_ids, s.completion_ids, s.reward,
+                      candidate_ids=[[30 + t, 40 + t, 50 + t] for t in range(len(s.completion_ids))],
+                      candidate_rewards=[[0.0] * 3 for _ in s.completion_ids]) for s in samples]
+    plain, extended = collate(samples, 0, "cpu"), collate(samples, 0, "cpu", candidates=True)
+    mask = additive_masks(extended.allowed, extended.position_ids, attention_layout(value_model), value_model.dtype)
+    with torch.no_grad():
+        values = value_model(extended.input_ids, attention_mask=mask, position_ids=extended.position_ids).values
+        real = trained_states(plain, plain.state_positions.shape[1])  # s_0 .. s_T (past s_T: padding)
+        torch.testing.assert_close(values.gather(1, extended.state_positions)[real],
+                                   value_model(plain.input_ids, attention_mask=plain.attention_mask).values
+                                   .gather(1, plain.state_positions)[real], atol=1e-5, rtol=1e-5)
+        for row, sample in enumerate(samples):
+            for t, candidates in enumerate(sample.candidate_ids):
+                for j, token in enumerate(candidates):
+                    prefix = torch.tensor([sample.prompt_ids + sample.completion_ids[:t] + [token]])
+                    expected = value_model(prefix).values[0, -1]
+                    got = values[row, extended.candidate_columns[row, t, j]]
+                    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert extended.candidate_valid[1].sum() == 3 * 3 and extended.candidate_valid[0].sum() == 7 * 3
+
+
+def test_candidates_are_the_bases_top_k_at_every_state_scored_stored_and_reused(tmp_path):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    samples, path, prompts = samples_of(tokenizer), tmp_path / "c.jsonl", {i: f"prompt {i}" for i in range(3)}
+    reward = Recorder()
+    scored = score_candidates(base, tokenizer, samples, prompts, reward, 3, path, pad_token_id=0, batch_size=2)
+    for sample in scored:
+        assert len(sample.candidate_ids) == len(sample.completion_ids)
+        for t, (ids, rewards) in enumerate(zip(sample.candidate_ids, sample.candidate_rewards)):
+            with torch.no_grad():
+                logits = base(torch.tensor([sample.prompt_ids + sample.completion_ids[:t]])).logits[0, -1]
+            assert ids == logits.topk(3).indices.tolist()
+            texts = tokenizer.batch_decode([sample.completion_ids[:t] + [token] for token in ids],
+                                           skip_special_tokens=True)
+            assert rewards == count_good_words([""] * 3, texts)
+    assert len(reward.seen) == 3 * (4 + 2 + 1)  # top-k at each of T states
+    assert {prompt for prompt, _ in reward.seen} == set(prompts.values())
+    again = Recorder()
+    assert score_candidates(base, tokenizer, samples, prompts, again, 3, path, pad_token_id=0) == scored
+    assert again.seen == []
+    path.write_bytes(path.read_bytes()[:-10])  # the last record cut short by a crash
+    assert score_candidates(base, tokenizer, samples, prompts, again, 3, path, pad_token_id=0) == scored
+    assert len(again.seen) == 3 * 1  # only the last sample's one state, again
+    assert all(json.loads(line) for line in path.read_text().splitlines()[-1:])
+
+
+def test_a_failing_reward_on_candidates_says_so(tmp_path):
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+
+    def reward(prompts, completions):
+        raise OSError("the judge is down")
+
+    with pytest.raises(RuntimeError, match="candidate prefixes.*candidate batch 0.*kept in"):
+        score_candidates(base, tokenizer, samples_of(tokenizer), {i: "p" for i in range(3)}, reward, 2,
+                         tmp_path / "c.jsonl", pad_token_id=0)
+
+
+def test_candidate_rewards_teach_the_contrast_between_siblings(tmp_path):
+    """On count_good_words, one epoch with candidates values a good next word against another nearer the true +1
+    than prefix rewards alone (the test that fails if the candidates' loss or their masks break)."""
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = [f"w{40 + i % 40} w{41 + i % 37}" for i in range(96)]
+    contrasts = {}
+    for name, candidates in (("prefixes", 0), ("candidates", 8)):
+        torch.manual_seed(0)
+        value_model = fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / name,
+                          prefix_rewards=PrefixRewards(candidates=candidates),
+                          **{**FIT, "learning_rate": 1e-2, "max_new_tokens": 8})
+        good = tokenizer(["w50 w51 w12", "w50 w51 w15"], add_special_tokens=True, return_tensors="pt")
+        other = tokenizer(["w50 w51 w60", "w50 w51 w70"], add_special_tokens=True, return_tensors="pt")
+        with torch.no_grad():
+            gap = value_model(**good).values[:, -1] - value_model(**other).values[:, -1]
+        contrasts[name] = (gap.mean() * value_model.config.reward_std).item()
+    assert abs(contrasts["candidates"] - 1) < abs(contrasts["prefixes"] - 1), contrasts
+    assert (tmp_path / "candidates" / "candidate-rewards-top8.jsonl").exists()
+
+
+def test_bad_candidates_are_refused_by_name():
+    for value in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="`candidates`"):
+            PrefixRewards(candidates=value)
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    with pytest.raises(ValueError, match="candidates=500.*vocabulary"):
+        fit(base, tokenizer, ["w5 w6"], count_good_words, prefix_rewards=PrefixRewards(candidates=500), **FIT)
+    records = [dict(prompt="w5 w6", completion="w10 w11", reward=1.0)] * 2
+    with pytest.raises(ValueError, match="no reward_fn"):
+        fit(None, tokenizer, samples=records, value_model=ValueModel.from_backbone(base, num_layers=1),
+            prefix_rewards=PrefixRewards(candidates=2), **FIT)

@@ -1,0 +1,124 @@
+"""Candidate rewards: the prefix reward of each of the base's top candidates at every sampled state.
+
+VAS moves probability between the top-k candidates a of a state s by Q(s, a) − mean_K Q (VAS_NOTES.md), but a
+sample shows one next token per state, the one the base drew. Prefix rewards (prefix_rewards.py) make that
+token's reward increment exact; candidate rewards do the same for its siblings, the tokens VAS chooses among:
+
+    for each sample, each state s_t (t = 0 .. T − 1), each of the base's `top_k` most likely next tokens a
+    r(s_t∘a) = reward_fn(prompt, completion[:t] + [a])
+
+and the prefix head phi learns the contrasts phi(s_t∘a) − phi(s_{t+1}) = r(s_t∘a) − r_{t+1} (s_{t+1} = s_t∘a_t,
+the drawn token). All candidates of all states of a sample are valued in ONE forward of the value model: they
+are appended to the sequence, each with the position id of the next token and a 4-D attention mask that lets it
+see its own prefix and itself (as the processor values its candidates, processor.py).
+
+Cost: one teacher-forced forward of the base per sample (its top-k at every state) and T · top_k more reward
+calls, stored in `candidate-rewards-top<k>.jsonl` in output_dir so an interrupted run resumes; in training,
+T · top_k more positions per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .prefix_rewards import append_records, load_records, sample_key
+from .samplers import eval_mode
+from .sampling import RewardFn, Sample, check_rewards, pad_batch
+
+logger = logging.getLogger(__name__)
+
+
+def candidates_file_name(top_k: int) -> str:
+    """The run directory's file for candidate rewards of this top_k (another top_k keeps its own file)."""
+    return f"candidate-rewards-top{top_k}.jsonl"
+
+
+def _parse(record: dict) -> tuple[list[list[int]], list[list[float]]]:
+    ids = [[int(token) for token in row] for row in record["ids"]]
+    rewards = [[float(value) for value in row] for row in record["rewards"]]
+    if [len(row) for row in ids] != [len(row) for row in rewards]:
+        raise ValueError("ids and rewards differ in shape")
+    return ids, rewards
+
+
+def score_candidates(
+    base_model,
+    tokenizer,
+    samples: Sequence[Sample],
+    prompt_texts: Mapping[int, str],
+    reward_fn: RewardFn,
+    top_k: int,
+    path: str | os.PathLike | None,
+    pad_token_id: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Sample]:
+    """`samples` with `candidate_ids` and `candidate_rewards` filled in, (T, top_k) each: at each state s_t the
+    base's top_k next tokens (by its logits; EOS included) and r(s_t∘a). Records stored in `path` are reused.
+
+    Args:
+        base_model: A local transformers causal LM (teacher-forced on the samples, under no_grad).
+        prompt_texts: `prompt_texts[sample.prompt_index]` is the prompt text reward_fn saw for the sample.
+        path: A JSON-lines file of {"key", "ids", "rewards"} records (None: keep nothing).
+        batch_size: Samples per base forward and per reward_fn call.
+    """
+    path = Path(path) if path is not None else None
+    stored = load_records(path, _parse)
+
+    def complete(sample: Sample) -> bool:
+        ids, _ = stored.get(sample_key(sample), ([], []))
+        return len(ids) == len(sample.completion_ids) and all(len(row) == top_k for row in ids)
+
+    missing = [sample for sample in samples if sample.completion_ids and not complete(sample)]
+    if missing:
+        logger.info("Scoring the base's top-%d candidates at every state of %d completions (%d stored)", top_k,
+                    len(missing), len(stored))
+    batches = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
+    for number, batch in enumerate(tqdm(batches, desc="candidate rewards", unit="batch", disable=not progress)):
+        candidates = _top_candidates(base_model, batch, top_k, pad_token_id)
+        rows = [(sample, t, token) for sample, ids in zip(batch, candidates) for t, row in enumerate(ids)
+                for token in row]
+        texts = tokenizer.batch_decode([sample.completion_ids[:t] + [token] for sample, t, token in rows],
+                                       skip_special_tokens=True)
+        try:
+            rewards = check_rewards(reward_fn([prompt_texts[sample.prompt_index] for sample, _, _ in rows], texts),
+                                    len(rows), number)
+        except Exception as error:
+            where = f"; the candidate rewards scored so far are kept in {path}" if path is not None else ""
+            raise RuntimeError(f"reward_fn failed on candidate prefixes (candidate batch {number}){where}") from error
+        records, position = [], 0
+        for sample, ids in zip(batch, candidates):
+            count = len(ids) * top_k
+            flat = rewards[position : position + count]
+            scored = [flat[t * top_k : (t + 1) * top_k] for t in range(len(ids))]
+            stored[sample_key(sample)] = (ids, scored)
+            records.append({"key": sample_key(sample), "ids": ids, "rewards": scored})
+            position += count
+        append_records(path, records)
+    result = []
+    for sample in samples:
+        ids, rewards = stored.get(sample_key(sample), ([], [])) if complete(sample) else ([], [])
+        result.append(dataclasses.replace(sample, candidate_ids=ids, candidate_rewards=rewards))
+    return result
+
+
+@torch.no_grad()
+def _top_candidates(base_model, samples: Sequence[Sample], top_k: int, pad_token_id: int) -> list[list[list[int]]]:
+    """(T, top_k) ids per sample: the base's most likely next tokens at s_0 .. s_{T−1}, from one right-padded
+    teacher-forced forward of prompt ∘ completion[:T − 1]."""
+    sequences = [sample.prompt_ids + sample.completion_ids[:-1] for sample in samples]
+    input_ids, attention_mask = (t.to(base_model.device) for t in pad_batch(sequences, pad_token_id, "right"))
+    with eval_mode(base_model):
+        logits = base_model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
+    result = []
+    for row, sample in enumerate(samples):
+        states = slice(len(sample.prompt_ids) - 1, len(sample.prompt_ids) - 1 + len(sample.completion_ids))
+        result.append(logits[row, states].float().topk(min(top_k, logits.shape[-1]), dim=-1).indices.tolist())
+    return result
