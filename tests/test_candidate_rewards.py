@@ -7,22 +7,12 @@ import pytest
 import torch
 
 from tests.helpers import ARCHITECTURES, count_good_words, tiny_causal_lm, tiny_value_model, word_tokenizer
+from tests.test_prefix_rewards import FIT, Recorder
 from vas_logits import PrefixRewards, ValueModel, fit
 from vas_logits.candidate_rewards import score_candidates
 from vas_logits.processor import attention_layout
 from vas_logits.sampling import Sample
 from vas_logits.trainer import additive_masks, collate, trained_states
-
-FIT = dict(samples_per_prompt=2, max_new_tokens=6, epochs=1, batch_size=4, sampling_batch_size=8, progress=False)
-
-
-class Recorder:
-    def __init__(self):
-        self.seen = []
-
-    def __call__(self, prompts, completions):
-        self.seen += list(zip(prompts, completions))
-        return count_good_words(prompts, completions)
 
 
 def samples_of(tokenizer):

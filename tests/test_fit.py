@@ -317,8 +317,8 @@ def test_an_interrupt_at_any_point_of_the_checkpoint_swap_resumes(tmp_path, monk
     resumed = fit(base, tokenizer, prompts, CountingReward(), epochs=2, output_dir=tmp_path / "b", **FIT_OPTIONS)
     for (key, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(tensor, other, atol=1e-6), key
-    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["prefix-rewards.jsonl", "samples.jsonl",
-                                                                         "sampling.json", "value_model"]
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == [
+        "candidate-rewards-top4.jsonl", "prefix-rewards.jsonl", "samples.jsonl", "sampling.json", "value_model"]
 
 
 def test_an_unwritable_output_dir_fails_before_sampling(tmp_path):
@@ -536,9 +536,9 @@ def test_an_epoch_resumed_with_another_batch_size_trains_on_each_remaining_sampl
     options = dict(FIT_OPTIONS, eval_fraction=0.0)
     batches, original = [], trainer_module.collate
 
-    def recording(samples, *args):
+    def recording(samples, *args, **kwargs):
         batches.append([(sample.prompt_index, tuple(sample.completion_ids)) for sample in samples])
-        return original(samples, *args)
+        return original(samples, *args, **kwargs)
 
     def training_batches(**kwargs):  # the batches one fit() trains on (its first collate is the dry run)
         batches.clear()

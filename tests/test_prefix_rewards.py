@@ -82,7 +82,7 @@ def test_the_prefix_head_learns_the_prefix_rewards_and_is_added_into_one_scalar_
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = [f"w{5 + i} w{40 + i}" for i in range(24)]
     value_model = fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path, keep_checkpoint=True,
-                      **{**FIT, "epochs": 2, "learning_rate": 1e-2})
+                      keep_best=False, **{**FIT, "epochs": 2, "learning_rate": 1e-2})  # the last epoch's phi + u
     saved = ValueModel.from_pretrained(tmp_path / "value_model")  # today's format: one scalar head
     assert set(load_file(str(tmp_path / "value_model" / "model.safetensors"))) == set(value_model.state_dict())
     u = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
@@ -100,7 +100,8 @@ def test_prefix_rewards_teach_a_lexicon_faster_than_returns_alone(tmp_path):
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = [f"w{40 + i % 40} w{41 + i % 37}" for i in range(96)]
     contrasts = {}
-    for name, prefix_rewards in (("returns", None), ("prefixes", PrefixRewards())):
+    # prefix rewards alone: what the candidates add is test_candidate_rewards.py's
+    for name, prefix_rewards in (("returns", None), ("prefixes", PrefixRewards(candidates=0))):
         torch.manual_seed(0)
         value_model = fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / name,
                           prefix_rewards=prefix_rewards, **{**FIT, "learning_rate": 1e-2, "max_new_tokens": 8})

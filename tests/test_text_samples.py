@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vas_logits import CompletionsEndpoint, ValueModel, fit
+from vas_logits import CompletionsEndpoint, PrefixRewards, ValueModel, fit
 from vas_logits.text_samples import read_text_samples, tokenize_text_sample
 
 from .helpers import EOS, bpe_tokenizer, count_good_words, tiny_causal_lm, word_tokenizer
@@ -133,6 +133,9 @@ def test_fit_samples_through_an_endpoint(tmp_path):
         value_model = ValueModel.from_backbone(tiny_causal_lm("gpt2"), num_layers=1)  # not the served architecture
         trained = fit(endpoint, tokenizer, prompts, count_good_words, value_model,
                       output_dir=tmp_path, **dict(FIT_OPTIONS, epochs=1, max_new_tokens=5))
+        with pytest.raises(ValueError, match="candidates=2.*needs a local transformers base model"):
+            fit(endpoint, tokenizer, prompts, count_good_words, value_model, output_dir=tmp_path / "other",
+                prefix_rewards=PrefixRewards(candidates=2), **dict(FIT_OPTIONS, epochs=1, max_new_tokens=5))
     finally:
         served.close()
     assert len(served.requests) == 6 * 2  # the server returns one choice per request: asked again for the second
@@ -146,6 +149,8 @@ def test_fit_samples_through_an_endpoint(tmp_path):
         assert sample["reward"] == count_good_words([""], [text])[0]
         assert len([i for i in ids if i != EOS]) <= 5
     assert trained.config.base_model == "tiny"
+    # fit()'s default prefix rewards apply; their candidates need the base's logits, which an API does not give
+    assert (tmp_path / "prefix-rewards.jsonl").exists() and not list(tmp_path.glob("candidate-rewards-*"))
     fingerprint = json.loads((tmp_path / "sampling.json").read_text())
     assert fingerprint["base_model"] == {"name": "tiny", "endpoint": served.url}
 

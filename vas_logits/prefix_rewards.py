@@ -53,9 +53,10 @@ class PrefixRewards:
         "loss weight of the prefix head on the increments r_t − r_(t−1): the per-token changes VAS steers by, "
         "rare and small next to the levels, hence the larger weight (10 and 100 steered less on the sentiment "
         "benchmark)")})
-    candidates: int = field(default=0, metadata={"help": (
-        "also score the base's top-N next tokens at every sampled state and train the prefix head on their "
-        "contrasts to the drawn token (candidate_rewards.py; a local base model only; 0: off)")})
+    candidates: int = field(default=4, metadata={"help": (
+        "also score the base's top-N next tokens at every sampled state (N · T more reward calls per sample) and "
+        "train the prefix head on their contrasts to the drawn token (candidate_rewards.py; a local base model "
+        "only; 0: off)")})
 
     def __post_init__(self):
         for name in ("weight", "increment_weight"):
