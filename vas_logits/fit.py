@@ -224,11 +224,12 @@ def fit(
         if prefix_rewards is None:
             return new_samples
         def score():
-            scored = score_prefixes(tokenizer, new_samples, dict(indexed), reward_fn,
+            prompt_texts = dict(indexed)
+            scored = score_prefixes(tokenizer, new_samples, prompt_texts, reward_fn,
                                     run.path / PREFIX_REWARDS_FILE if run else None, progress=progress)
             if not prefix_rewards.candidates:
                 return scored
-            return score_candidates(base_model, tokenizer, scored, dict(indexed), reward_fn, prefix_rewards.candidates,
+            return score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn, prefix_rewards.candidates,
                                     run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
                                     pad_token_id, progress=progress)
 

@@ -98,7 +98,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int, device, candidates: bo
     prefix_rewards = None
     if all(sample.prefix_rewards is not None for sample in samples):  # r_0 .. r_T, padded with R past s_T
         padded = [s.prefix_rewards + [s.reward] * (num_states - len(s.prefix_rewards)) for s in samples]
-        prefix_rewards = torch.tensor(padded).to(device)
+        prefix_rewards = torch.tensor(padded)
     batch = Batch(input_ids, attention_mask, state_positions, lengths, rewards, first_states, prefix_rewards)
     if candidates and all(sample.candidate_ids is not None for sample in samples):
         _append_candidates(batch, samples, prompt_lengths)
@@ -123,17 +123,16 @@ def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: 
     extra = num_states * top_k
     total = width + extra
     state_ends = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]  # (B, S − 1) last column of s_t
-    candidate_positions = (state_ends + 1)[..., None].expand(-1, -1, top_k).reshape(batch_size, extra)
+    limit = state_ends[..., None].expand(-1, -1, top_k).reshape(batch_size, extra)  # (B, E) its last visible column
     columns = torch.arange(total)
     real = batch.attention_mask.bool()
     allowed = torch.zeros(batch_size, total, total, dtype=torch.bool)
     allowed[:, :width, :width] = real[:, None, :] & (columns[None, :width, None] >= columns[None, None, :width])
     allowed[:, :width, :width] |= torch.eye(width, dtype=torch.bool)  # even a pad sees itself: no empty rows
-    limit = (state_ends[..., None].expand(-1, -1, top_k).reshape(batch_size, extra))  # (B, E)
     allowed[:, width:, :width] = real[:, None, :] & (columns[None, None, :width] <= limit[..., None])
     allowed[:, width:, width:] = torch.eye(extra, dtype=torch.bool)
     batch.input_ids = torch.cat([batch.input_ids, ids.reshape(batch_size, extra)], dim=1)
-    batch.position_ids = torch.cat([torch.arange(width).expand(batch_size, -1), candidate_positions], dim=1)
+    batch.position_ids = torch.cat([torch.arange(width).expand(batch_size, -1), limit + 1], dim=1)  # next token's
     batch.allowed = allowed
     batch.candidate_columns = width + torch.arange(extra).reshape(num_states, top_k).expand(batch_size, -1, -1)
     batch.candidate_rewards, batch.candidate_valid = rewards, valid
@@ -147,8 +146,7 @@ def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dt
     for layer_type in set(layer_types):
         keep = allowed
         if layer_type == "sliding_attention":  # key within the window: q_pos − k_pos < window
-            keep = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window)
-            keep = keep | torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+            keep = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window)  # (self: distance 0)
         by_type[layer_type] = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
             ~keep, torch.finfo(dtype).min)[:, None]
     return next(iter(by_type.values())) if len(by_type) == 1 else by_type
@@ -186,6 +184,9 @@ class Trainer:
             torch.nn.init.zeros_(self.prefix_head.weight)
             torch.nn.init.zeros_(self.prefix_head.bias)
             parameters += list(self.prefix_head.parameters())
+        # the attention layout the candidates' masks are built for (refused now if the processor cannot mask it)
+        self.layout = attention_layout(value_model) if prefix_rewards is not None and prefix_rewards.candidates \
+            else None
         self.optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         # samples_in_epoch: how many of this process's samples (in the epoch's order) the current epoch has trained on
         self.epoch, self.samples_in_epoch, self.global_step = 0, 0, 0
@@ -259,8 +260,7 @@ class Trainer:
         with_prefix = self.prefix_head is not None
         attention_mask = batch.attention_mask
         if batch.allowed is not None:  # candidates appended: each sees its prefix and itself
-            attention_mask = additive_masks(batch.allowed, batch.position_ids, attention_layout(self.value_model),
-                                            self.value_model.dtype)
+            attention_mask = additive_masks(batch.allowed, batch.position_ids, self.layout, self.value_model.dtype)
         with autocast:
             output = self.model(input_ids=batch.input_ids, attention_mask=attention_mask,
                                 position_ids=batch.position_ids, return_hidden=with_prefix)
