@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from vas_logits import ValueModel
-import inspect
+import dataclasses
 
-from vas_logits import PrefixRewards, fit
+from vas_logits import FitConfig, PrefixRewards, ValueModel
 from vas_logits.cli import build_parser, load_prompts, load_reward, main
+from vas_logits.fit_config import DEFAULT_PREFIX_REWARDS
 
 from .helpers import tiny_causal_lm, word_tokenizer
 
@@ -53,14 +53,63 @@ def test_vas_fit_end_to_end(tmp_path, monkeypatch):
 
 def test_every_option_is_explained_and_defaults_are_fits_own():
     parser = build_parser()
-    fit_defaults = {name: parameter.default for name, parameter in inspect.signature(fit).parameters.items()}
     options = [action for action in parser._actions if action.dest != "help"]
     assert len(options) > 20
     for action in options:
-        assert action.help and len(action.help) > 15, action.dest
-        if action.dest in fit_defaults and action.default is not None:
-            assert action.default == fit_defaults[action.dest], action.dest
+        assert action.help and (action.help == "==SUPPRESS==" or len(action.help) > 15), action.dest
+    generated = {action.dest: action for action in options}
+    for option in dataclasses.fields(FitConfig):  # every command-line field of FitConfig, at FitConfig's default
+        if option.metadata["group"] is not None:
+            action = generated[option.name]
+            assert action.required or action.default == option.default, option.name
+    assert generated["output_dir"].required
     assert "(default: 4)" in parser.format_help()  # the value model's size is stated
+
+
+def test_older_flags_still_parse_to_the_same_fields():
+    required = ["--base", "b", "--prompts", "p.txt", "--reward", "m:f"]
+    old = build_parser().parse_args(required + ["--output", "o", "--no-standardize", "--last-epoch",
+                                                "--overwrite-output", "--no-progress", "--keep-checkpoint",
+                                                "--learning-rate", "2e-4"])
+    new = build_parser().parse_args(required + ["--output-dir", "o", "--no-standardize-rewards", "--no-keep-best",
+                                                "--overwrite-output-dir", "--no-progress", "--keep-checkpoint",
+                                                "--learning-rate", "2e-4"])
+    assert vars(old) == vars(new)
+    assert (new.output_dir, new.standardize_rewards, new.keep_best, new.overwrite_output_dir, new.progress,
+            new.keep_checkpoint, new.learning_rate) == ("o", False, False, True, False, True, 2e-4)
+    defaults = build_parser().parse_args(required + ["--output", "o"])
+    assert (defaults.standardize_rewards, defaults.keep_best, defaults.learning_rate) == (True, True, None)
+
+
+def test_fit_config_takes_fields_as_keywords_and_names_a_wrong_one():
+    config = FitConfig(epochs=5, output_dir="runs/x")
+    assert FitConfig.resolve(config, {}) is config
+    assert FitConfig.resolve(config, {"epochs": 2}) == FitConfig(epochs=2, output_dir="runs/x")
+    assert FitConfig.resolve(None, {}) == FitConfig() and FitConfig().prefix_rewards is DEFAULT_PREFIX_REWARDS
+    assert FitConfig(rollouts=None).rollouts == FitConfig().rollouts  # None: no rollouts, as before
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'; did you mean 'epochs'"):
+        FitConfig.resolve(None, {"epoch": 2})
+    with pytest.raises(ValueError, match="`config` must be a vas_logits.FitConfig"):
+        FitConfig.resolve({"epochs": 2}, {})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "`epochs` must be a positive integer, got 0"),
+    ("batch_size", True, "`batch_size` must be a positive integer, got True"),
+    ("temperature", 0.0, "`temperature` must be > 0, got 0.0"),
+    ("temperature", float("nan"), "`temperature` must be > 0"),
+    ("lam", 1.5, r"`lam` must be in \[0, 1\], got 1.5"),
+    ("eval_fraction", 1.0, r"`eval_fraction` must be in \[0, 1\), got 1.0"),
+    ("max_grad_norm", -1.0, "`max_grad_norm` must be > 0"),
+    ("learning_rate", 0.0, "`learning_rate` must be > 0"),
+    ("seed", 1.5, "`seed` must be an integer"),
+    ("rollouts", {"siblings": 2}, "`rollouts` must be a vas_logits.Rollouts"),
+    ("prefix_rewards", 3, "`prefix_rewards` must be a vas_logits.PrefixRewards or None"),
+    ("generation_kwargs", "top_k=5", "`generation_kwargs` must be a dict or None"),
+])
+def test_fit_config_refuses_bad_values_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FitConfig(**{field: value})
 
 
 def test_vas_fit_on_given_samples_and_through_an_endpoint(tmp_path, monkeypatch):
@@ -107,7 +156,6 @@ def test_vas_fit_source_errors(argv, message, capsys):
 
 def test_prefix_reward_options_map_to_fits_default_or_a_prefix_rewards_of_their_values():
     from vas_logits.cli import _prefix_rewards
-    from vas_logits.fit import DEFAULT_PREFIX_REWARDS
 
     required = ["--base", "b", "--prompts", "p.txt", "--reward", "m:f", "--output", "o"]
     assert _prefix_rewards(build_parser().parse_args(required)) is DEFAULT_PREFIX_REWARDS  # applies where it can

@@ -26,6 +26,7 @@ from .api import APICompletion, APIGenerationError, VASClient
 from .blockwise import BlockwiseSampler
 from .endpoint import CompletionsEndpoint, EndpointError
 from .fit import fit
+from .fit_config import FitConfig
 from .prefix_rewards import PrefixRewards
 from .processor import VAS, ValueAugmentedLogitsProcessor
 from .rewards import reward_model_fn
@@ -42,6 +43,7 @@ __all__ = [
     "PrefixRewards",
     "Rollouts",
     "EndpointError",
+    "FitConfig",
     "TextValuer",
     "VAS",
     "VASClient",

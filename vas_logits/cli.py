@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .fit import DEFAULT_NUM_LAYERS, fit
+from .fit_config import DEFAULT_PREFIX_REWARDS, FitConfig
 from .prefix_rewards import PrefixRewards
 from .rollouts import Rollouts
 from .value_model import HEAD_TYPES, ValueModel
@@ -68,9 +68,23 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
-def _fit_default(name: str):
-    """fit()'s own default, so the command line and the function never disagree."""
-    return inspect.signature(fit).parameters[name].default
+def _add_config_options(groups: dict[str, argparse._ArgumentGroup], required: tuple[str, ...]) -> None:
+    """FitConfig's fields as options, so the dataclass and the command line never disagree: `--name` (a
+    `--name/--no-name` pair for a yes/no field) with the field's help and default, plus its older flags."""
+    for option in dataclasses.fields(FitConfig):
+        group = groups.get(option.metadata["group"])
+        if group is None:
+            continue
+        flag, older = f"--{option.name.replace('_', '-')}", option.metadata["flags"]
+        kwargs = dict(dest=option.name, help=option.metadata["help"])
+        kwargs.update(required=True) if option.name in required else kwargs.update(default=option.default)
+        if isinstance(option.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            for name in older:  # e.g. --last-epoch = --no-keep-best: the opposite of the default, unlisted
+                group.add_argument(name, dest=option.name, action="store_const", const=not option.default,
+                                   default=option.default, help=argparse.SUPPRESS)
+        else:
+            group.add_argument(flag, *older, type=option.metadata["type"] or type(option.default), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--reward",
                       help="module:function(prompts, completions) -> list of floats, importable from here "
                            "(not with --samples)")
-    what.add_argument("--output", required=True,
-                      help="output directory: samples.jsonl, sampling.json, checkpoint/, value_model/")
     model = parser.add_argument_group("the value model")
     model.add_argument("--value-init", help="start from this value model (path or Hub id) instead of a fresh one")
     model.add_argument("--value-backbone",
@@ -102,15 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="scalar: the expected reward; distributional: a categorical reward distribution "
                             "(the processor then uses the soft value for each beta)")
     model.add_argument("--num-atoms", type=int, default=51, help="atoms of the distributional head")
-    sampling = parser.add_argument_group("sampling from the base")
-    sampling.add_argument("--samples-per-prompt", type=int, default=_fit_default("samples_per_prompt"),
-                          help="completions sampled per prompt")
-    sampling.add_argument("--max-new-tokens", type=int, default=_fit_default("max_new_tokens"),
-                          help="longest completion (EOS ends one earlier)")
-    sampling.add_argument("--temperature", type=float, default=_fit_default("temperature"),
-                          help="sampling temperature (no top-k/top-p)")
-    sampling.add_argument("--sampling-batch-size", type=int, default=_fit_default("sampling_batch_size"),
-                          help="completions per generate() call; larger is faster")
+    groups = {"sampling": parser.add_argument_group("sampling from the base"),
+              "training": parser.add_argument_group("training"),
+              "running": parser.add_argument_group("running")}
+    _add_config_options(groups, required=("output_dir",))
+    run = groups["running"]
     rollouts = parser.add_argument_group("rollouts beyond the base's own samples (--base only; vas_logits.Rollouts)")
     for option in dataclasses.fields(Rollouts):  # generated, so the dataclass and the command line never disagree
         rollouts.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default,
@@ -121,33 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     for option in dataclasses.fields(PrefixRewards):
         prefixes.add_argument(f"--prefix-{option.name.replace('_', '-')}", type=type(option.default),
                               default=option.default, help=option.metadata["help"])
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=_fit_default("epochs"), help="passes over the samples")
-    training.add_argument("--batch-size", type=int, default=_fit_default("batch_size"),
-                          help="completions per optimisation step")
-    training.add_argument("--learning-rate", type=float, default=_fit_default("learning_rate"),
-                          help="AdamW learning rate (default: 0.03 / the value model's hidden size)")
-    training.add_argument("--lam", type=float, default=_fit_default("lam"),
-                          help="TD(lambda) trace parameter: 1 = Monte-Carlo returns, lower bootstraps")
-    training.add_argument("--gamma", type=float, default=_fit_default("gamma"),
-                          help="discount per token (must be 1 for --head distributional)")
-    training.add_argument("--eval-fraction", type=float, default=_fit_default("eval_fraction"),
-                          help="share of prompts held out to measure the value model each epoch")
-    training.add_argument("--no-standardize", action="store_true",
-                          help="train on raw rewards instead of (R - mean) / std (beta then has the reward's units)")
-    training.add_argument("--last-epoch", action="store_true",
-                          help="keep the last epoch's weights instead of the best held-out epoch's")
-    training.add_argument("--seed", type=int, default=_fit_default("seed"),
-                          help="seeds sampling, the held-out split and shuffling")
-    run = parser.add_argument_group("running")
     run.add_argument("--device", default=None, help="default: cuda (the local rank's) when available, else cpu")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice; on a busy machine fewer can be faster)")
-    run.add_argument("--overwrite-output", action="store_true",
-                     help="delete the samples, checkpoints and model already in --output and start over")
-    run.add_argument("--keep-checkpoint", action="store_true",
-                     help="keep checkpoint/ (weights + optimizer state) after the final model is saved")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -192,26 +176,19 @@ def main(argv: list[str] | None = None) -> None:
         base = CompletionsEndpoint(args.endpoint, args.endpoint_model, concurrency=args.concurrency)
     sources = dict(samples=args.samples) if args.samples else dict(
         prompts=load_prompts(args.prompts, args.prompt_field), reward_fn=load_reward(args.reward))
-    fit(
-        base, tokenizer, value_model=value_model, **sources,
-        samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, gamma=args.gamma, lam=args.lam, epochs=args.epochs,
-        batch_size=args.batch_size, sampling_batch_size=args.sampling_batch_size, learning_rate=args.learning_rate,
-        output_dir=args.output, seed=args.seed, eval_fraction=args.eval_fraction,
-        progress=not args.no_progress, reward_name=args.reward or None, overwrite_output_dir=args.overwrite_output,
-        keep_checkpoint=args.keep_checkpoint, standardize_rewards=not args.no_standardize,
-        keep_best=not args.last_epoch,
+    config = FitConfig(
+        **{option.name: getattr(args, option.name) for option in dataclasses.fields(FitConfig)
+           if option.metadata["group"] is not None},
+        reward_name=args.reward or None,
         rollouts=Rollouts(**{option.name: getattr(args, option.name) for option in dataclasses.fields(Rollouts)}),
-        prefix_rewards=None if args.no_prefix_rewards else _prefix_rewards(args),
-    )
-    logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output) / "value_model")
+        prefix_rewards=None if args.no_prefix_rewards else _prefix_rewards(args))
+    fit(base, tokenizer, value_model=value_model, **sources, config=config)
+    logging.getLogger("vas_logits").info("Value model written to %s", Path(args.output_dir) / "value_model")
 
 
 def _prefix_rewards(args) -> PrefixRewards:
     """The command line's PrefixRewards: fit()'s default object when none of its options changed (so that it
     applies only where it can, as in fit()), else one with the values given."""
-    from .fit import DEFAULT_PREFIX_REWARDS
-
     given = PrefixRewards(**{option.name: getattr(args, f"prefix_{option.name}")
                              for option in dataclasses.fields(PrefixRewards)})
     return DEFAULT_PREFIX_REWARDS if given == DEFAULT_PREFIX_REWARDS else given

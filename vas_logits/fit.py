@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 from collections.abc import Iterable
@@ -28,12 +27,12 @@ import torch
 import torch.distributed as dist
 
 from .candidate_rewards import candidates_file_name, score_candidates
+from .fit_config import DEFAULT_PREFIX_REWARDS, FitConfig
 from .prefix_rewards import PREFIX_REWARDS_FILE, PrefixRewards, score_prefixes
 from .run_dir import RunDirectory, sampling_fingerprint
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
 from .rollin import RollInSampler, round_file_name
-from .rollouts import Rollouts
 from .siblings import SiblingSampler, siblings_file_name
 from .text_samples import read_text_samples
 from .trainer import Trainer
@@ -48,7 +47,6 @@ DEFAULT_NUM_LAYERS = 4  # a value model cut from the base's first layers: cheap 
 # lr ∝ 1 / width. 0.03 gives 5.2e-5 for SmolLM2's 576 (what its sentiment job was tuned at) and 9.4e-4 for
 # the 32-wide models of examples/bench_value_learning.py, where 5e-5 left the value model untrained.
 LEARNING_RATE_TIMES_WIDTH = 0.03
-DEFAULT_PREFIX_REWARDS = PrefixRewards()  # fit()'s default: used where it applies (scalar head, a reward_fn)
 
 
 def fit(
@@ -59,28 +57,8 @@ def fit(
     value_model: ValueModel | None = None,
     *,
     samples=None,
-    samples_per_prompt: int = 4,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    epochs: int = 3,
-    batch_size: int = 16,
-    sampling_batch_size: int = 64,
-    learning_rate: float | None = None,
-    output_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    eval_fraction: float = 0.1,
-    max_grad_norm: float = 1.0,
-    generation_kwargs: dict | None = None,
-    reward_name: str | None = None,
-    overwrite_output_dir: bool = False,
-    keep_checkpoint: bool = False,
-    standardize_rewards: bool = True,
-    keep_best: bool = True,
-    rollouts: Rollouts | None = None,
-    prefix_rewards: PrefixRewards | None = DEFAULT_PREFIX_REWARDS,
+    config: FitConfig | None = None,
+    **options,
 ) -> ValueModel:
     """Train a value model for `reward_fn` on completions sampled from the frozen `base_model`.
 
@@ -99,59 +77,26 @@ def fit(
             engine), as records {"prompt", "completion", "reward", optional "finish_reason": "stop" | "length"}
             in a JSON-lines file, a `datasets.Dataset` or a list of dicts. They are tokenised with `tokenizer`
             (text_samples.py); a "stop" completion (the default) ended with EOS.
-        samples_per_prompt: Completions sampled per prompt.
-        max_new_tokens: Longest completion; EOS ends one earlier.
-        temperature: Sampling temperature of the base (no top-k/top-p unless `generation_kwargs` asks).
-        gamma: Discount per token of the TD(lambda) returns.
-        lam: TD(lambda) trace parameter in [0, 1]: 1 trains on the Monte-Carlo return (the reward itself),
-            lower values bootstrap from the model's own next prediction.
-        epochs: Passes over the samples; targets are recomputed from the current model at each visit.
-        batch_size: Completions per optimisation step (and per process under DDP).
-        sampling_batch_size: Completions per generate() call while sampling. Larger batches sample faster;
-            sampling is most of fit()'s time for small value models.
-        learning_rate: AdamW learning rate. Default: 0.03 / the value model's hidden size (5.2e-5 for a
-            576-wide SmolLM2 cut, 1.5e-5 for a 2048-wide 1B model; the paper used about 1e-5 at 1B).
-        output_dir: Where samples, checkpoints and the final model (`value_model/`) go; enables resuming. Its
-            stored samples are reused only if the prompts, reward, base model, tokenizer and sampling settings
-            are the same (recorded in `sampling.json`); otherwise fit() stops with the differences.
-        seed: Seeds sampling, the held-out split and the shuffling.
-        progress: Show tqdm progress bars.
-        eval_fraction: Share of prompts held out to report value loss and reward correlation each epoch.
-        max_grad_norm: Gradient-norm clipping.
-        generation_kwargs: Extra arguments for the base model's generate() when sampling.
-        reward_name: Text recorded as the value model's `reward` (default: reward_fn's name).
-        overwrite_output_dir: Delete the samples, checkpoints and model already in `output_dir` and start over.
-        keep_checkpoint: Keep `output_dir/checkpoint` (weights and optimizer state, about 3× the model's size)
-            after the final model is saved, e.g. to continue training later with more epochs.
-        standardize_rewards: Train a fresh value model on (R − mean) / std of the training rewards and record both
-            in its config, so beta is per standard deviation of the reward whatever its scale. A distributional
-            head's atoms then span the standardised training rewards.
-        keep_best: Return the weights of the epoch with the lowest held-out error (mean squared error of V(s_t)
-            against the reward, over every state) rather than the last epoch's.
-        rollouts: Training data beyond the base's own samples (`Rollouts`: sibling rollouts, roll-in rounds;
-            local base models only). Default: none.
-        prefix_rewards: Score every partial completion with reward_fn too (T − 1 more reward calls per sample)
-            and learn those exact labels in a second head added into the value head (`PrefixRewards`,
-            prefix_rewards.py); None: train on the returns alone. The default applies to a scalar head trained
-            on a reward_fn (given samples carry no reward function to score prefixes with); its candidates
-            (the base's top-k at every state scored too) need a local base model and are dropped otherwise.
+        config: How to sample and train (`FitConfig`: samples_per_prompt, max_new_tokens, epochs, learning_rate,
+            output_dir, rollouts, prefix_rewards, ...; each field is documented there). Default: FitConfig().
+        **options: FitConfig fields as keywords, e.g. `epochs=5, output_dir="runs/sentiment"`; they replace the
+            values of `config`.
 
     Returns:
         The trained ValueModel (eval mode), with `base_model`, `reward` and `pad_token_id` filled in.
     """
+    config = FitConfig.resolve(config, options)
     prompts, records = _prompts_or_records(base_model, prompts, reward_fn, samples)
-    _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction)
-    rollouts = _check_rollouts(rollouts)
-    if prefix_rewards is not None and not isinstance(prefix_rewards, PrefixRewards):
-        raise ValueError(f"`prefix_rewards` must be a vas_logits.PrefixRewards or None, got {prefix_rewards!r:.80}")
+    _check_prompts(prompts)
+    rollouts = config.rollouts
     siblings, top_k, rounds, rollin_beta = rollouts.siblings, rollouts.top_k, rollouts.rounds, rollouts.rollin_beta
     rank, world_size = _setup_distributed()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=seed, samples_per_prompt=samples_per_prompt,
-                           max_new_tokens=max_new_tokens, temperature=temperature,
-                           prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
-                           pad_token_id=pad_token_id, generation_kwargs=generation_kwargs)
+    sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=config.seed,
+                           samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+                           prompts_per_batch=max(1, config.sampling_batch_size // config.samples_per_prompt),
+                           pad_token_id=pad_token_id, generation_kwargs=config.generation_kwargs)
     local = sampler.local_model is not None
     if siblings and not local:
         raise ValueError(f"`siblings={siblings}` needs a local transformers base model to roll out from (it reads the "
@@ -171,54 +116,56 @@ def fit(
     if records is None and value_model.max_positions is not None:  # fail before sampling, not after it
         for index, prompt in enumerate(prompts):
             length = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-            value_model.check_length(length + max_new_tokens,
-                                     f"Prompt {index} ({length} tokens) + max_new_tokens ({max_new_tokens})")
-    if learning_rate is None:
-        learning_rate = LEARNING_RATE_TIMES_WIDTH / value_model.backbone_config.get_text_config().hidden_size
-    if value_model.distributional and gamma != 1:
+            value_model.check_length(length + config.max_new_tokens,
+                                     f"Prompt {index} ({length} tokens) + max_new_tokens ({config.max_new_tokens})")
+    learning_rate = config.learning_rate or \
+        LEARNING_RATE_TIMES_WIDTH / value_model.backbone_config.get_text_config().hidden_size
+    if value_model.distributional and config.gamma != 1:
         raise ValueError(
-            f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {gamma!r}"
+            f"`gamma` must be 1 for a distributional value model (atoms are not discounted), got {config.gamma!r}"
         )
     if local:
         value_model.to(base_model.device)
     base_description = sampler.description
     base_name = getattr(base_model.config, "_name_or_path", None) if local else base_description.get("name")
     value_model.config.base_model = base_name or value_model.config.base_model
-    value_model.config.reward = reward_name or _reward_label(reward_fn)
+    value_model.config.reward = config.reward_name or _reward_label(reward_fn)
     value_model.config.pad_token_id = pad_token_id
 
-    run = RunDirectory(output_dir) if output_dir is not None else None
+    run = RunDirectory(config.output_dir) if config.output_dir is not None else None
     if run is not None:  # before any sampling: a wrong or unwritable output_dir fails now, not in an hour
         if isinstance(samples, (str, os.PathLike)):
             run.check_not_inside(samples)  # the user's own file is never fit()'s to rewrite or delete
         fingerprint = sampling_fingerprint(
             base_description, tokenizer, prompts,
-            reward_name or _reward_label(reward_fn, qualified=True),
-            samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-            generation_kwargs=generation_kwargs or {})
-        run.check(fingerprint, overwrite_output_dir)
+            config.reward_name or _reward_label(reward_fn, qualified=True),
+            samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            generation_kwargs=config.generation_kwargs or {})
+        run.check(fingerprint, config.overwrite_output_dir)
         if rank == 0:
-            run.prepare(fingerprint, overwrite_output_dir)
+            run.prepare(fingerprint, config.overwrite_output_dir)
             run.recover_checkpoint()
         if world_size > 1:
             dist.barrier()
 
     indexed = list(enumerate(prompts))
-    random.Random(seed).shuffle(indexed)
-    num_eval = int(len(indexed) * eval_fraction) if len(indexed) >= 10 else 0
+    random.Random(config.seed).shuffle(indexed)
+    num_eval = int(len(indexed) * config.eval_fraction) if len(indexed) >= 10 else 0
     eval_indices = {index for index, _ in indexed[:num_eval]}
 
-    prefix_rewards = _applicable(prefix_rewards, value_model, reward_fn, base_model if local else None)
+    prefix_rewards = _applicable(config.prefix_rewards, value_model, reward_fn, base_model if local else None)
     settings = {**rollouts.settings(), **(prefix_rewards.settings() if prefix_rewards else {})}
-    trainer = Trainer(value_model, learning_rate, max_grad_norm, gamma, lam, pad_token_id, rank, world_size,
-                      run, progress, keep_best, extra_settings=settings, prefix_rewards=prefix_rewards)
+    trainer = Trainer(value_model, learning_rate, config.max_grad_norm, config.gamma, config.lam, pad_token_id, rank,
+                      world_size, run, config.progress, config.keep_best, extra_settings=settings,
+                      prefix_rewards=prefix_rewards)
     trainer.check_step()  # a value model that cannot train (or a transformers release that breaks it) fails now
 
     # Given samples are re-read from the user's own records at every call (tokenising is quick), never copied
     # into output_dir, so no half-written copy can be trained on.
     store = SampleStore(run.samples if run and records is None else None)
-    samples = _collect_samples(sampler, indexed, store, rank, world_size, seed,
-                               None if records else samples_per_prompt, progress)
+    samples = _collect_samples(sampler, indexed, store, rank, world_size, config.seed,
+                               None if records else config.samples_per_prompt, config.progress)
 
     def with_prefix_rewards(new_samples):  # the same on every process: rank 0 scores and stores, then shares
         if prefix_rewards is None:
@@ -226,12 +173,12 @@ def fit(
         def score():
             prompt_texts = dict(indexed)
             scored = score_prefixes(tokenizer, new_samples, prompt_texts, reward_fn,
-                                    run.path / PREFIX_REWARDS_FILE if run else None, progress=progress)
+                                    run.path / PREFIX_REWARDS_FILE if run else None, progress=config.progress)
             if not prefix_rewards.candidates:
                 return scored
             return score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn, prefix_rewards.candidates,
                                     run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
-                                    pad_token_id, progress=progress)
+                                    pad_token_id, progress=config.progress)
 
         return _on_rank_zero(score, rank, world_size)
 
@@ -241,46 +188,46 @@ def fit(
     rewards = torch.tensor([sample.reward for sample in samples])
     logger.info("%d samples (%d held out); reward mean %.4f, std %.4f", len(samples), len(eval_samples),
                 rewards.mean(), rewards.std() if len(rewards) > 1 else 0.0)
-    if standardize_rewards and not bool(value_model.head.weight.any()):  # a fresh head: set its units now
+    if config.standardize_rewards and not bool(value_model.head.weight.any()):  # a fresh head: set its units now
         _standardize(value_model, torch.tensor([sample.reward for sample in train_samples]))
     for sample in samples:  # given samples (or stored ones) past a GPT-2-like position table; they stay stored
         value_model.check_length(len(sample.prompt_ids) + len(sample.completion_ids),
                                  f"A sample of prompt {sample.prompt_index} (prompt + completion)")
     training_prompts = [item for item in indexed if item[0] not in eval_indices]
-    rollout_options = dict(top_k=top_k, max_new_tokens=max_new_tokens, temperature=temperature,
-                           pad_token_id=pad_token_id, generate_batch_size=sampling_batch_size,
-                           prompts_per_batch=max(1, sampling_batch_size // samples_per_prompt),
-                           generation_kwargs=generation_kwargs)
+    rollout_options = dict(top_k=top_k, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                           pad_token_id=pad_token_id, generate_batch_size=config.sampling_batch_size,
+                           prompts_per_batch=max(1, config.sampling_batch_size // config.samples_per_prompt),
+                           generation_kwargs=config.generation_kwargs)
     if siblings:  # rollouts of the training prompts only: the held-out error stays on the base's own samples
-        sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings, seed=seed,
-                                         **rollout_options)
+        sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings,
+                                         seed=config.seed, **rollout_options)
         sibling_store = SampleStore(run.path / siblings_file_name(siblings, top_k) if run else None)
-        sibling_rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size, seed,
-                                            None, progress)
+        sibling_rollouts = _collect_samples(sibling_sampler, training_prompts, sibling_store, rank, world_size,
+                                            config.seed, None, config.progress)
         logger.info("%d sibling rollouts (%d per sample)", len(sibling_rollouts), siblings)
         train_samples = train_samples + with_prefix_rewards(sibling_rollouts)
     for round_index in range(1, rounds + 1):
         if round_index > 1:  # roll in with VAS under the value model so far, roll out with the base
             round_sampler = RollInSampler(base_model, tokenizer, reward_fn, value_model, beta=rollin_beta,
-                                          siblings=siblings, samples_per_prompt=samples_per_prompt,
-                                          seed=seed + 1000 * round_index, **rollout_options)
+                                          siblings=siblings, samples_per_prompt=config.samples_per_prompt,
+                                          seed=config.seed + 1000 * round_index, **rollout_options)
             round_store = SampleStore(run.path / round_file_name(round_index, max(1, siblings), top_k, rollin_beta)
                                       if run else None)
             with trainer.merged():  # roll in with V = phi + u
                 round_rollouts = _collect_samples(round_sampler, training_prompts, round_store, rank, world_size,
-                                                  seed + 1000 * round_index, None, progress)
+                                                  config.seed + 1000 * round_index, None, config.progress)
             round_rollouts = with_prefix_rewards(round_rollouts)
             logger.info("Round %d: %d rollouts from VAS roll-ins (beta %g)", round_index, len(round_rollouts),
                         rollin_beta)
             train_samples = train_samples + round_rollouts
         if value_model.distributional:
             _check_atoms_cover(value_model, train_samples)
-        trainer.train(train_samples, eval_samples, epochs * round_index, batch_size, seed, final=round_index == rounds,
-                      first_epoch=epochs * (round_index - 1))
+        trainer.train(train_samples, eval_samples, config.epochs * round_index, config.batch_size, config.seed,
+                      final=round_index == rounds, first_epoch=config.epochs * (round_index - 1))
     value_model.eval()
     if run is not None and rank == 0:
         value_model.save_pretrained(run.final)
-        if not keep_checkpoint:
+        if not config.keep_checkpoint:
             run.remove_checkpoints()
         logger.info("Saved the value model to %s", run.final)
     return value_model
@@ -387,8 +334,7 @@ def _callable_name(function, qualified: bool = False) -> str:
     return f"{getattr(target, '__module__', '')}.{name}" if qualified else name
 
 
-def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, gamma, lam, epochs, batch_size,
-                     sampling_batch_size, learning_rate, eval_fraction) -> None:
+def _check_prompts(prompts) -> None:
     if len(prompts) == 0:
         raise ValueError("`prompts` must hold at least one prompt, got an empty list")
     for index, prompt in enumerate(prompts):
@@ -396,28 +342,6 @@ def _check_arguments(prompts, samples_per_prompt, max_new_tokens, temperature, g
             hint = " (a datasets.Dataset yields rows: pass one column, e.g. dataset['prompt'])" \
                 if isinstance(prompt, dict) else ""
             raise ValueError(f"`prompts[{index}]` must be a non-empty string, got {prompt!r:.80}{hint}")
-    for name, value in dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs,
-                            batch_size=batch_size, sampling_batch_size=sampling_batch_size).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
-    if not 0 <= lam <= 1:
-        raise ValueError(f"`lam` must be in [0, 1], got {lam!r}")
-    if not 0 <= gamma <= 1:
-        raise ValueError(f"`gamma` must be in [0, 1], got {gamma!r}")
-    if learning_rate is not None and not learning_rate > 0:
-        raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}")
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}")
-
-
-def _check_rollouts(rollouts) -> Rollouts:
-    if rollouts is None:
-        return Rollouts()
-    if not isinstance(rollouts, Rollouts):
-        raise ValueError(f"`rollouts` must be a vas_logits.Rollouts (e.g. Rollouts(siblings=2)), got {rollouts!r:.80}")
-    return rollouts
 
 
 def _check_vocabulary(value_model: ValueModel, base_vocab: int | None, tokenizer) -> None:
