@@ -238,7 +238,7 @@ def main():
                              "the top k can be sampled")
     parser.add_argument("--args-weights", type=float, nargs="*", default=[2, 4, 8],
                         help="ARGS-style reward weights (none: skip ARGS)")
-    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts to use (at most 64)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per generate() call, for every method")

@@ -23,7 +23,7 @@ from vas_logits import VAS
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--beta", type=float, default=2.0, help="per standard deviation of the reward")
-    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--head", choices=["scalar", "distributional", "token"], default="scalar")
     parser.add_argument("--samples-per-prompt", type=int, default=4)

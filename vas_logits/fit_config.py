@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 
 from .prefix_rewards import PrefixRewards
@@ -68,7 +69,7 @@ class FitConfig:
         "(vas_logits.PrefixRewards); None: train on the returns alone. The default applies to a scalar head trained "
         "on a reward_fn, its candidates only with a local base model", None)
     # running
-    output_dir: str | None = _option(
+    output_dir: str | os.PathLike | None = _option(
         None, "where samples, checkpoints and the final model (value_model/) go; enables resuming. Its stored samples "
               "are reused only if the prompts, reward, base model, tokenizer and sampling settings are the same "
               "(recorded in sampling.json); otherwise fit() stops with the differences", "running", "--output",

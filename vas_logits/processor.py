@@ -80,7 +80,9 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         value_models: One ValueModel or a list of them; each must share the base model's vocabulary.
         beta: The strength of each value model's pull: one float, or a list with one per value model.
             0 leaves the base distribution (within the top-k) unchanged; larger values chase the reward.
-        top_k: How many of the base model's best tokens are valued at each step (the paper's k).
+        top_k: How many of the base model's best tokens are valued at each step (the paper's k). Larger k steers
+            more per nat of KL (the dev benchmark: gain ratio 0.32 / 0.52 / 0.61 at k = 4 / 10 / 20, same value
+            model, β = 2) at 1 + k value-model positions per step.
         pad_token_id: The id used to left-pad prompts, masked out for the value models. Defaults to the first
             value model's `config.pad_token_id`, then its backbone's pad id, then its EOS id (generate()'s own
             fallback). Leading tokens equal to it count as padding; for an exact answer whatever the ids,
@@ -121,7 +123,7 @@ class ValueAugmentedLogitsProcessor(LogitsProcessor):
         self,
         value_models: ValueModel | Sequence[ValueModel],
         beta: float | Sequence[float] = 1.0,
-        top_k: int = 10,
+        top_k: int = 20,
         pad_token_id: int | None = None,
         outside_top_k: str = "mask",
         cache_implementation: str | None = None,
