@@ -231,7 +231,7 @@ def test_unknown_pad_id_on_a_batch_is_a_clear_error_and_eos_is_the_fallback():
     with pytest.raises(ValueError, match="cannot tell left padding"):
         processor(PROMPTS, torch.randn(3, VOCAB_SIZE))
     processor.set_attention_mask((PROMPTS != PAD).long())
-    assert torch.isfinite(processor(PROMPTS, torch.randn(3, VOCAB_SIZE))).sum() == 3 * processor.top_k == 3 * 20  # the default k
+    assert torch.isfinite(processor(PROMPTS, torch.randn(3, VOCAB_SIZE))).sum() == 3 * processor.top_k == 3 * 20
 
 
 def test_inputs_embeds_without_input_ids_is_a_clear_error():
