@@ -24,6 +24,19 @@ from transformers import DynamicCache
 from .static_cache import StaticColumnCache, round_up_capacity
 
 
+def within_window(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, Q, K) bool: the keys a sliding-window layer lets each query see, q_pos − k_pos < window (itself, at
+    distance 0, included), from position ids (B, Q) and (B, K). Causality is the caller's `allowed`."""
+    return query_positions[:, :, None] - key_positions[:, None, :] < window
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, Q, K) the additive float mask transformers takes for a 4-D attention_mask: 0 where `allowed`
+    (B, Q, K) is True, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
 class DecodingStream:
     """Bookkeeping and caches of one sequence of generate() steps (one thread's).
 
@@ -227,12 +240,6 @@ class DecodingStream:
             candidate_allowed = torch.cat([candidate_allowed, stale], dim=-1)
         candidate_allowed = candidate_allowed.expand(batch_size, -1, -1)
 
-        def to_additive(prefix: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
-            allowed = torch.cat([prefix, candidate_allowed], dim=-1)[:, None]  # (B, 1, n + k, C + k)
-            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
-                ~allowed, torch.finfo(dtype).min
-            )
-
         masks, built = [], {}  # value models of one dtype and attention layout share their mask
         for value_model, (layer_types, window) in zip(self.value_models, layouts):
             key = (value_model.dtype, frozenset(layer_types), window)
@@ -240,11 +247,12 @@ class DecodingStream:
                 by_type = {}
                 for layer_type in key[1]:
                     allowed = prefix_allowed
-                    if layer_type == "sliding_attention":  # key within the window: q_pos - k_pos < window
-                        distance = query_positions[:, :, None] - key_positions[:, None, :]
-                        allowed = allowed & (distance < window)
-                        allowed[:, new_rows, new_start + new_rows] = True
-                    by_type[layer_type] = to_additive(allowed, value_model.dtype)
+                    if layer_type == "sliding_attention":
+                        allowed = allowed & within_window(query_positions, key_positions, window)
+                        allowed[:, new_rows, new_start + new_rows] = True  # a pad's own column, at any position
+                    # (B, 1, n + k, C + k)
+                    by_type[layer_type] = additive_mask(torch.cat([allowed, candidate_allowed], dim=-1),
+                                                        value_model.dtype)
                 built[key] = next(iter(by_type.values())) if len(by_type) == 1 else by_type
             masks.append(built[key])
         return masks, query_positions

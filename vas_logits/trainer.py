@@ -38,6 +38,7 @@ from .prefix_rewards import PrefixRewards
 from .processor import attention_layout
 from .run_dir import COMPLETE_MARKER, RunDirectory
 from .sampling import Sample, pad_batch
+from .stream import additive_mask, within_window
 from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
 from .value_model import WEIGHTS_NAME
 
@@ -144,11 +145,9 @@ def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dt
     layer_types, window = layout
     by_type = {}
     for layer_type in set(layer_types):
-        keep = allowed
-        if layer_type == "sliding_attention":  # key within the window: q_pos − k_pos < window
-            keep = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window)  # (self: distance 0)
-        by_type[layer_type] = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
-            ~keep, torch.finfo(dtype).min)[:, None]
+        keep = allowed & within_window(position_ids, position_ids, window) \
+            if layer_type == "sliding_attention" else allowed
+        by_type[layer_type] = additive_mask(keep, dtype)
     return next(iter(by_type.values())) if len(by_type) == 1 else by_type
 
 
