@@ -77,7 +77,10 @@ def _add_config_options(groups: dict[str, argparse._ArgumentGroup], required: tu
             continue
         flag, older = f"--{option.name.replace('_', '-')}", option.metadata["flags"]
         kwargs = dict(dest=option.name, help=option.metadata["help"])
-        kwargs.update(required=True) if option.name in required else kwargs.update(default=option.default)
+        if option.name in required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = option.default
         if isinstance(option.default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             for name in older:  # e.g. --last-epoch = --no-keep-best: the opposite of the default, unlisted
