@@ -95,7 +95,7 @@ def fit(
     sampler = make_sampler(base_model, tokenizer, reward_fn, records, seed=config.seed,
                            samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
-                           prompts_per_batch=max(1, config.sampling_batch_size // config.samples_per_prompt),
+                           prompts_per_batch=config.prompts_per_batch,
                            pad_token_id=pad_token_id, generation_kwargs=config.generation_kwargs)
     local = sampler.local_model is not None
     if siblings and not local:
@@ -196,7 +196,7 @@ def fit(
     training_prompts = [item for item in indexed if item[0] not in eval_indices]
     rollout_options = dict(top_k=top_k, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                            pad_token_id=pad_token_id, generate_batch_size=config.sampling_batch_size,
-                           prompts_per_batch=max(1, config.sampling_batch_size // config.samples_per_prompt),
+                           prompts_per_batch=config.prompts_per_batch,
                            generation_kwargs=config.generation_kwargs)
     if siblings:  # rollouts of the training prompts only: the held-out error stays on the base's own samples
         sibling_sampler = SiblingSampler(base_model, tokenizer, reward_fn, train_samples, siblings=siblings,

@@ -90,20 +90,17 @@ class FitConfig:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
-        for name, low, high, closed in (("temperature", 0, math.inf, False), ("lam", 0, 1, True),
-                                        ("gamma", 0, 1, True), ("max_grad_norm", 0, math.inf, False),
-                                        ("eval_fraction", 0, 1, None)):
+        positive = (lambda value: 0 < value < math.inf, "> 0")
+        ranges = {"temperature": positive, "max_grad_norm": positive,
+                  "lam": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+                  "gamma": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+                  "eval_fraction": (lambda value: 0 <= value < 1, "in [0, 1)")}
+        if self.learning_rate is not None:  # None: 0.03 / the value model's hidden size
+            ranges["learning_rate"] = positive
+        for name, (allowed, bounds) in ranges.items():
             value = getattr(self, name)
-            number = not isinstance(value, bool) and isinstance(value, (int, float))
-            inside = number and (low <= value <= high if closed else low < value < high if closed is False
-                                 else low <= value < high)
-            if not inside:
-                bounds = f"in [{low}, {high}]" if closed else "> 0" if closed is False else f"in [{low}, {high})"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not allowed(value):
                 raise ValueError(f"`{name}` must be {bounds}, got {value!r}")
-        if self.learning_rate is not None and not (isinstance(self.learning_rate, (int, float))
-                                                   and 0 < self.learning_rate < math.inf):
-            raise ValueError(f"`learning_rate` must be > 0 (or None: 0.03 / the hidden size), got "
-                             f"{self.learning_rate!r}")
         if self.rollouts is None:  # None as well as Rollouts(): no data beyond the base's own samples
             object.__setattr__(self, "rollouts", Rollouts())
         if not isinstance(self.rollouts, Rollouts):
@@ -114,6 +111,11 @@ class FitConfig:
                              f"{self.prefix_rewards!r:.80}")
         if self.generation_kwargs is not None and not isinstance(self.generation_kwargs, dict):
             raise ValueError(f"`generation_kwargs` must be a dict or None, got {self.generation_kwargs!r:.80}")
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Prompts per generate() call while sampling: sampling_batch_size completions, at least one prompt."""
+        return max(1, self.sampling_batch_size // self.samples_per_prompt)
 
     @classmethod
     def resolve(cls, config: FitConfig | None, options: dict) -> FitConfig:

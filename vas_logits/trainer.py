@@ -145,8 +145,9 @@ def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dt
     layer_types, window = layout
     by_type = {}
     for layer_type in set(layer_types):
-        keep = allowed & within_window(position_ids, position_ids, window) \
-            if layer_type == "sliding_attention" else allowed
+        keep = allowed
+        if layer_type == "sliding_attention":
+            keep = allowed & within_window(position_ids, position_ids, window)
         by_type[layer_type] = additive_mask(keep, dtype)
     return next(iter(by_type.values())) if len(by_type) == 1 else by_type
 
