@@ -94,6 +94,32 @@ def test_the_prefix_head_learns_the_prefix_rewards_and_is_added_into_one_scalar_
     assert len(records) == 24 * 2 and all(len(record["rewards"]) <= 5 for record in records)
 
 
+def test_starting_over_scores_the_prefixes_and_candidates_with_the_new_reward(tmp_path):
+    """The scores are keyed by the tokens they score; a new reward on the same (seeded) samples must not reuse them."""
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = [f"w{5 + i} w{40 + i}" for i in range(12)]
+
+    def fewer_good_words(prompts, completions):
+        return [-reward for reward in count_good_words(prompts, completions)]
+
+    def records():
+        return {name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+                for name in ("samples.jsonl", "prefix-rewards.jsonl", "candidate-rewards-top4.jsonl")}
+
+    fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path, **FIT)
+    first = records()
+    fit(base, tokenizer, prompts, fewer_good_words, output_dir=tmp_path, overwrite_output_dir=True, **FIT)
+    second = records()
+    completions = [[sample["completion_ids"] for sample in run["samples.jsonl"]] for run in (first, second)]
+    assert completions[0] == completions[1]  # the same seeded samples
+    flat = [reward for record in first["prefix-rewards.jsonl"] for reward in record["rewards"]]
+    assert any(flat), "no prefix scored a good word: the test would not tell old scores from new"
+    for old, new in zip(first["prefix-rewards.jsonl"], second["prefix-rewards.jsonl"], strict=True):
+        assert new["rewards"] == [-reward for reward in old["rewards"]]
+    for old, new in zip(first["candidate-rewards-top4.jsonl"], second["candidate-rewards-top4.jsonl"], strict=True):
+        assert new["rewards"] == [[-reward for reward in state] for state in old["rewards"]]
+
+
 def test_prefix_rewards_teach_a_lexicon_faster_than_returns_alone(tmp_path):
     """On count_good_words (each w10-w19 in the completion is worth 1), one epoch with prefix rewards values the
     next good word better than one without: V(s∘good) − V(s∘other) nearer the true +1 (in reward units)."""

@@ -3,6 +3,8 @@
     output_dir/
         sampling.json        what produced the samples: prompts (hash), reward, base model, tokenizer, settings
         samples.jsonl        the base model's scored samples, appended batch by batch (sampling.py)
+        prefix-rewards.jsonl, candidate-rewards-top<k>.jsonl, siblings-*.jsonl, round-*.jsonl
+                             more scores of the reward (prefix_rewards.py, candidate_rewards.py, siblings.py, rollin.py)
         checkpoint/          the latest training checkpoint (weights, optimizer, trainer state)
         value_model/         the final value model (save_pretrained)
 
@@ -32,6 +34,9 @@ SAMPLES_NAME = "samples.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "value_model"
 COMPLETE_MARKER = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
+# The reward's other scores are keyed by the tokens they score, not by the reward: starting over (a new reward,
+# say, on the same seeded samples) must delete them with the samples, or the old reward's labels come back.
+SCORED_RECORDS = ("prefix-rewards.jsonl", "candidate-rewards-top*.jsonl", "siblings-*.jsonl", "round-*.jsonl")
 # Tokenised to fingerprint a tokenizer by what it does: words, digits, accents, emoji, whitespace, a chat marker.
 PROBE_TEXT = "The movie was GREAT, 10/10!  Café naïve 😀\n\t<|im_start|>user end"
 
@@ -138,9 +143,11 @@ class RunDirectory:
         if overwrite:
             for folder in (self.checkpoint, self._partial, self._old, self.final):
                 shutil.rmtree(folder, ignore_errors=True)
-            for file in (self.samples, self.path / FINGERPRINT_NAME):
+            scored = [file for pattern in SCORED_RECORDS for file in self.path.glob(pattern)]
+            for file in (self.samples, self.path / FINGERPRINT_NAME, *scored):
                 file.unlink(missing_ok=True)
-            logger.info("overwrite_output_dir: removed the samples, checkpoints and model of %s", self.path)
+            logger.info("overwrite_output_dir: removed the samples, their scores, checkpoints and model of %s",
+                        self.path)
         (self.path / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
     def _has_samples(self) -> bool:
