@@ -22,14 +22,15 @@ from vas_logits import VAS
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--beta", type=float, default=2.0, help="per standard deviation of the reward")
+    parser.add_argument("--beta", type=float, default=3.0, help="per standard deviation of the reward")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--head", choices=["scalar", "distributional", "token"], default="scalar")
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="default: fit()'s own (0.09 / the value model's hidden size)")
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
     add_threads_option(parser)
     parser.add_argument("--retrain", action="store_true")

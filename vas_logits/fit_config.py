@@ -43,8 +43,8 @@ class FitConfig:
                           "training")
     batch_size: int = _option(16, "completions per optimisation step (and per process under DDP)", "training")
     learning_rate: float | None = _option(
-        None, "AdamW learning rate (default: 0.03 / the value model's hidden size: 5.2e-5 for a 576-wide SmolLM2 cut, "
-              "1.5e-5 for a 2048-wide 1B model; the paper used about 1e-5 at 1B)", "training", type=float)
+        None, "AdamW learning rate (default: 0.09 / the value model's hidden size: 1.6e-4 for a 576-wide SmolLM2 cut, "
+              "4.4e-5 for a 2048-wide 1B model; the paper used about 1e-5 at 1B)", "training", type=float)
     lam: float = _option(1.0, "TD(lambda) trace parameter in [0, 1]: 1 trains on the Monte-Carlo return (the reward "
                               "itself), lower values bootstrap from the model's own next prediction", "training")
     gamma: float = _option(1.0, "discount per token of the TD(lambda) returns (must be 1 for a distributional head)",
@@ -74,8 +74,9 @@ class FitConfig:
               "are reused only if the prompts, reward, base model, tokenizer and sampling settings are the same "
               "(recorded in sampling.json); otherwise fit() stops with the differences", "running", "--output",
         type=str)
-    overwrite_output_dir: bool = _option(False, "delete the samples, checkpoints and model already in output_dir and "
-                                                "start over", "running", "--overwrite-output")
+    overwrite_output_dir: bool = _option(False, "delete the samples (and their scores), checkpoints and model "
+                                                "already in output_dir and start over", "running",
+                                         "--overwrite-output")
     keep_checkpoint: bool = _option(False, "keep output_dir/checkpoint (weights and optimizer state, about 3x the "
                                            "model's size) after the final model is saved, e.g. to train on later",
                                     "running")
@@ -95,7 +96,7 @@ class FitConfig:
                   "lam": (lambda value: 0 <= value <= 1, "in [0, 1]"),
                   "gamma": (lambda value: 0 <= value <= 1, "in [0, 1]"),
                   "eval_fraction": (lambda value: 0 <= value < 1, "in [0, 1)")}
-        if self.learning_rate is not None:  # None: 0.03 / the value model's hidden size
+        if self.learning_rate is not None:  # None: 0.09 / the value model's hidden size
             ranges["learning_rate"] = positive
         for name, (allowed, bounds) in ranges.items():
             value = getattr(self, name)
