@@ -103,7 +103,8 @@ def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0
 def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, num_layers: int = 4,
                   head: str = "scalar",
                   samples_per_prompt: int = 4, max_new_tokens: int = 24, epochs: int = 3,
-                  learning_rate: float | None = None, sampling_batch_size: int = 64, retrain: bool = False) -> ValueModel:
+                  learning_rate: float | None = None, sampling_batch_size: int = 64,
+                  retrain: bool = False) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
     training openings, cached in examples/.cache/<name>-<num_layers>layers (a second call just loads it)."""
     output_dir = CACHE / (f"{name}-{num_layers}layers" + ("" if head == "scalar" else f"-{head}"))

@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=None,
-                        help="default: fit()'s own (0.09 / the value model's hidden size)")
+                        help="default: fit()'s own, scaled to the value model's width")
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
     add_threads_option(parser)
     parser.add_argument("--retrain", action="store_true")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vas_logits import PrefixRewards, Rollouts, fit
+from vas_logits.run_dir import round_file_name, siblings_file_name
 from vas_logits.sampling import Sample, SampleStore
-from vas_logits.rollin import round_file_name
-from vas_logits.siblings import _continue, roll_out_siblings, siblings_file_name
+from vas_logits.siblings import _continue, roll_out_siblings
 from vas_logits.trainer import Trainer, collate
 
 from .helpers import PAD, count_good_words, tiny_causal_lm, tiny_value_model, word_tokenizer

@@ -35,11 +35,6 @@ from .sampling import RewardFn, Sample, check_rewards, pad_batch
 logger = logging.getLogger(__name__)
 
 
-def candidates_file_name(top_k: int) -> str:
-    """The run directory's file for candidate rewards of this top_k (another top_k keeps its own file)."""
-    return f"candidate-rewards-top{top_k}.jsonl"
-
-
 def _parse(record: dict) -> tuple[list[list[int]], list[list[float]]]:
     ids = [[int(token) for token in row] for row in record["ids"]]
     rewards = [[float(value) for value in row] for row in record["rewards"]]

@@ -26,14 +26,15 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .candidate_rewards import candidates_file_name, score_candidates
+from .candidate_rewards import score_candidates
 from .fit_config import DEFAULT_PREFIX_REWARDS, FitConfig
-from .prefix_rewards import PREFIX_REWARDS_FILE, PrefixRewards, score_prefixes
-from .run_dir import RunDirectory, sampling_fingerprint
+from .prefix_rewards import PrefixRewards, score_prefixes
+from .run_dir import (PREFIX_REWARDS_NAME, RunDirectory, candidates_file_name, round_file_name, sampling_fingerprint,
+                      siblings_file_name)
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
-from .rollin import RollInSampler, round_file_name
-from .siblings import SiblingSampler, siblings_file_name
+from .rollin import RollInSampler
+from .siblings import SiblingSampler
 from .text_samples import read_text_samples
 from .trainer import Trainer
 from .value_model import ValueModel
@@ -174,7 +175,7 @@ def fit(
         def score():
             prompt_texts = dict(indexed)
             scored = score_prefixes(tokenizer, new_samples, prompt_texts, reward_fn,
-                                    run.path / PREFIX_REWARDS_FILE if run else None, progress=config.progress)
+                                    run.path / PREFIX_REWARDS_NAME if run else None, progress=config.progress)
             if not prefix_rewards.candidates:
                 return scored
             return score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn, prefix_rewards.candidates,

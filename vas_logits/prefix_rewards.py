@@ -40,7 +40,6 @@ from .sampling import RewardFn, Sample, check_rewards
 
 logger = logging.getLogger(__name__)
 
-PREFIX_REWARDS_FILE = "prefix-rewards.jsonl"
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,6 @@ from .sampling import RewardFn, Sample, cut_completion, end_token_ids, pad_batch
 from .siblings import roll_out_siblings
 
 
-def round_file_name(round_index: int, siblings: int, top_k: int, beta: float) -> str:
-    """The run directory's file for the rollouts of round `round_index` (2, 3, ...)."""
-    return f"round-{round_index}-siblings-{siblings}-top{top_k}-beta{beta:g}.jsonl"
-
-
 class RollInSampler(Sampler):
     """A round's data: VAS roll-ins of the (index, text) prompts under `value_model`, then base sibling rollouts
     from them (`siblings` per roll-in, at least 1). Options are `roll_out_siblings`'s, plus `samples_per_prompt`."""

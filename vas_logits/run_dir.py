@@ -34,9 +34,27 @@ SAMPLES_NAME = "samples.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 FINAL_DIR = "value_model"
 COMPLETE_MARKER = "trainer_state.json"  # written last: a checkpoint folder without it is incomplete
-# The reward's other scores are keyed by the tokens they score, not by the reward: starting over (a new reward,
-# say, on the same seeded samples) must delete them with the samples, or the old reward's labels come back.
-SCORED_RECORDS = ("prefix-rewards.jsonl", "candidate-rewards-top*.jsonl", "siblings-*.jsonl", "round-*.jsonl")
+PREFIX_REWARDS_NAME = "prefix-rewards.jsonl"
+
+
+def candidates_file_name(top_k: int) -> str:
+    """The file for candidate rewards of this top_k (another top_k keeps its own file)."""
+    return f"candidate-rewards-top{top_k}.jsonl"
+
+
+def siblings_file_name(siblings: int, top_k: int) -> str:
+    """The file for sibling rollouts of these settings (other settings keep their own file)."""
+    return f"siblings-{siblings}-top{top_k}.jsonl"
+
+
+def round_file_name(round_index: int, siblings: int, top_k: int, beta: float) -> str:
+    """The file for the rollouts of roll-in round `round_index` (2, 3, ...)."""
+    return f"round-{round_index}-siblings-{siblings}-top{top_k}-beta{beta:g}.jsonl"
+
+
+# The reward's other scores (the files above) are keyed by the tokens they score, not by the reward: starting
+# over (a new reward, say, on the same seeded samples) must delete them with the samples, or the old labels return.
+SCORED_RECORDS = (PREFIX_REWARDS_NAME, candidates_file_name("*"), siblings_file_name("*", "*"), "round-*.jsonl")
 # Tokenised to fingerprint a tokenizer by what it does: words, digits, accents, emoji, whitespace, a chat marker.
 PROBE_TEXT = "The movie was GREAT, 10/10!  Café naïve 😀\n\t<|im_start|>user end"
 

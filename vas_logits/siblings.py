@@ -31,11 +31,6 @@ from .sampling import (RewardFn, Sample, SampleStore, cut_completion, end_token_
 logger = logging.getLogger(__name__)
 
 
-def siblings_file_name(siblings: int, top_k: int) -> str:
-    """The run directory's file for sibling rollouts of these settings (other settings keep their own file)."""
-    return f"siblings-{siblings}-top{top_k}.jsonl"
-
-
 class SiblingSampler(Sampler):
     """fit()'s sampler of sibling rollouts: called with (index, text) prompts like any Sampler, it rolls out the
     given base samples of those prompts (see `roll_out_siblings` for the options)."""
