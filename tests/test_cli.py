@@ -164,3 +164,5 @@ def test_prefix_reward_options_map_to_fits_default_or_a_prefix_rewards_of_their_
     assert build_parser().parse_args(required + ["--no-prefix-rewards"]).no_prefix_rewards
     given = _prefix_rewards(build_parser().parse_args(required + ["--prefix-candidates", "6"]))
     assert given == PrefixRewards(candidates=6) and isinstance(given.candidates, int)
+    given = _prefix_rewards(build_parser().parse_args(required + ["--no-prefix-control-variates"]))
+    assert given == PrefixRewards(control_variates=False)  # a yes/no pair, not bool("False")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vas_logits import VAS, PrefixRewards, ValueModel, fit, td_lambda_targets
+from vas_logits.targets import control_variates
 from vas_logits.trainer import Trainer, collate
 
 from .helpers import PAD, count_good_words, tiny_causal_lm, tiny_config, word_tokenizer
@@ -25,13 +26,14 @@ def random_prompts(count, seed=0, words=4):
 # ---------------------------------------------------------------------- TD(lambda)
 
 
-def hand_written_targets(values, reward, length, gamma, lam):
-    """One episode, straight from the definitions: states 0..T, reward on the last transition, s_T terminal."""
+def hand_written_targets(values, reward, length, gamma, lam, step_rewards=None):
+    """One episode, straight from the definitions: states 0..T, reward on the last transition (plus any step
+    rewards on each), s_T terminal."""
     targets = [0.0] * len(values)
     advantage = 0.0
     for t in reversed(range(length)):
         next_value = values[t + 1] if t + 1 < length else 0.0
-        r = reward if t == length - 1 else 0.0
+        r = (reward if t == length - 1 else 0.0) + (step_rewards[t] if step_rewards is not None else 0.0)
         delta = r + gamma * next_value - values[t]
         advantage = delta + gamma * lam * advantage
         targets[t] = advantage + values[t]
@@ -51,6 +53,45 @@ def test_td_lambda_targets_match_a_hand_written_loop(lam, gamma):
         length = int(lengths[row])
         expected = hand_written_targets(values[row].tolist(), float(rewards[row]), length, gamma, lam)
         assert torch.allclose(targets[row, : length + 1], torch.tensor(expected[: length + 1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
+def test_td_lambda_targets_with_step_rewards_match_the_hand_written_loop(lam):
+    torch.manual_seed(1)
+    lengths, values, rewards = torch.tensor([1, 4, 6]), torch.randn(3, 7), torch.randn(3)
+    steps = torch.randn(3, 7)
+    targets = td_lambda_targets(values, rewards, lengths, gamma=1.0, lam=lam, step_rewards=steps)
+    for row in range(3):
+        length = int(lengths[row])
+        expected = hand_written_targets(values[row].tolist(), float(rewards[row]), length, 1.0, lam,
+                                        steps[row].tolist())
+        assert torch.allclose(targets[row, : length + 1], torch.tensor(expected[: length + 1]), atol=1e-5)
+    if lam == 1.0:  # the Monte-Carlo return plus the step rewards still to come
+        suffix = steps[1, :4].flip(0).cumsum(0).flip(0)
+        assert torch.allclose(targets[1, :4], rewards[1] + suffix, atol=1e-5)
+
+
+def test_control_variates_have_mean_zero_under_the_sampling_distribution():
+    """E over the drawn token a ~ p (the whole vocabulary, top-k or not) of c_t is exactly 0, whatever the
+    estimates and the baseline; a single draw's c_t is not."""
+    torch.manual_seed(2)
+    vocab, top_k = 7, 3
+    probabilities = torch.randn(vocab).softmax(-1).double()
+    candidates = probabilities.topk(top_k).indices
+    estimates, baseline = torch.randn(1, 1, top_k).double(), torch.randn(1, 1).double()
+    valid = torch.ones(1, 1, top_k, dtype=torch.bool)
+    expectation = torch.zeros((), dtype=torch.float64)
+    draws = []
+    for token in range(vocab):
+        drawn = (candidates == token)[None, None, :]
+        c = control_variates(estimates, probabilities[candidates][None, None, :], drawn, valid, baseline)
+        assert c.shape == (1, 2) and c[0, 1] == 0  # nothing after the last state
+        expectation += probabilities[token] * c[0, 0].double()
+        draws.append(float(c[0, 0]))
+    assert abs(float(expectation)) < 1e-6
+    assert max(abs(value) for value in draws) > 0.05
+    # at a state past the episode's end (not valid) there is no correction
+    assert control_variates(estimates, probabilities[candidates][None, None, :], valid, ~valid, baseline).eq(0).all()
 
 
 def test_td_lambda_one_is_the_monte_carlo_return_and_zero_bootstraps():

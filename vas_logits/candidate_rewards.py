@@ -12,6 +12,9 @@ the drawn token). All candidates of all states of a sample are valued in ONE for
 are appended to the sequence, each with the position id of the next token and a 4-D attention mask that lets it
 see its own prefix and itself (as the processor values its candidates, processor.py).
 
+The probability p(a | s_t) with which sampling drew each candidate comes from the same forward: u's returns are
+corrected with it by control variates of mean zero (targets.control_variates, trainer.py).
+
 Cost: one teacher-forced forward of the base per sample (its top-k at every state) and T · top_k more reward
 calls, stored in `candidate-rewards-top<k>.jsonl` in output_dir so an interrupted run resumes; in training,
 T · top_k more positions per sample.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,12 +39,14 @@ from .sampling import RewardFn, Sample, check_rewards, pad_batch
 logger = logging.getLogger(__name__)
 
 
-def _parse(record: dict) -> tuple[list[list[int]], list[list[float]]]:
+def _parse(record: dict) -> tuple[list[list[int]], list[list[float]], list[list[float]] | None]:
     ids = [[int(token) for token in row] for row in record["ids"]]
     rewards = [[float(value) for value in row] for row in record["rewards"]]
-    if [len(row) for row in ids] != [len(row) for row in rewards]:
-        raise ValueError("ids and rewards differ in shape")
-    return ids, rewards
+    probs = [[float(value) for value in row] for row in record["probs"]] if "probs" in record else None
+    if [len(row) for row in ids] != [len(row) for row in rewards] or \
+            (probs is not None and [len(row) for row in ids] != [len(row) for row in probs]):
+        raise ValueError("ids, rewards and probs differ in shape")
+    return ids, rewards, probs
 
 
 def score_candidates(
@@ -52,23 +58,28 @@ def score_candidates(
     top_k: int,
     path: str | os.PathLike | None,
     pad_token_id: int,
+    temperature: float | None = 1.0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[Sample]:
-    """`samples` with `candidate_ids` and `candidate_rewards` filled in, (T, top_k) each: at each state s_t the
-    base's top_k next tokens (by its logits; EOS included) and r(s_t∘a). Records stored in `path` are reused.
+    """`samples` with `candidate_ids`, `candidate_rewards` and `candidate_probs` filled in, (T, top_k) each: at
+    each state s_t the base's top_k next tokens (by its logits; EOS included), r(s_t∘a) and the probability that
+    sampling at `temperature` drew a (`sampling_probabilities`). Records stored in `path` are reused (one stored
+    without probabilities gets them from a base forward, its rewards kept).
 
     Args:
         base_model: A local transformers causal LM (teacher-forced on the samples, under no_grad).
         prompt_texts: `prompt_texts[sample.prompt_index]` is the prompt text reward_fn saw for the sample.
-        path: A JSON-lines file of {"key", "ids", "rewards"} records (None: keep nothing).
+        path: A JSON-lines file of {"key", "ids", "rewards", "probs"} records (None: keep nothing).
+        temperature: The sampling temperature of the samples; None when they were not drawn from the base's
+            softmax at a temperature (e.g. top-p): then no probabilities (candidate_probs stays None).
         batch_size: Samples per base forward and per reward_fn call.
     """
     path = Path(path) if path is not None else None
     stored = load_records(path, _parse)
 
     def complete(sample: Sample) -> bool:
-        ids, _ = stored.get(sample_key(sample), ([], []))
+        ids = stored.get(sample_key(sample), ([],))[0]
         return len(ids) == len(sample.completion_ids) and all(len(row) == top_k for row in ids)
 
     missing = [sample for sample in samples if sample.completion_ids and not complete(sample)]
@@ -77,7 +88,7 @@ def score_candidates(
                     len(missing), len(stored))
     batches = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
     for number, batch in enumerate(tqdm(batches, desc="candidate rewards", unit="batch", disable=not progress)):
-        candidates = _top_candidates(base_model, batch, top_k, pad_token_id)
+        candidates, probs = _top_candidates(base_model, batch, top_k, pad_token_id, temperature)
         rows = [(sample, t, token) for sample, ids in zip(batch, candidates) for t, row in enumerate(ids)
                 for token in row]
         texts = tokenizer.batch_decode([sample.completion_ids[:t] + [token] for sample, t, token in rows],
@@ -89,31 +100,64 @@ def score_candidates(
             where = f"; the candidate rewards scored so far are kept in {path}" if path is not None else ""
             raise RuntimeError(f"reward_fn failed on candidate prefixes (candidate batch {number}){where}") from error
         records, position = [], 0
-        for sample, ids in zip(batch, candidates):
+        for sample, ids, sample_probs in zip(batch, candidates, probs):
             count = len(ids) * top_k
             flat = rewards[position : position + count]
             scored = [flat[t * top_k : (t + 1) * top_k] for t in range(len(ids))]
-            stored[sample_key(sample)] = (ids, scored)
-            records.append({"key": sample_key(sample), "ids": ids, "rewards": scored})
+            stored[sample_key(sample)] = (ids, scored, sample_probs)
+            records.append(_record(sample, ids, scored, sample_probs))
             position += count
         append_records(path, records)
+    if temperature is not None:  # records of an older version: their probabilities, the rewards kept
+        unscored = [sample for sample in samples if complete(sample) and stored[sample_key(sample)][2] is None]
+        for start in range(0, len(unscored), batch_size):
+            batch = unscored[start : start + batch_size]
+            _, probs = _top_candidates(base_model, batch, top_k, pad_token_id, temperature,
+                                       [stored[sample_key(sample)][0] for sample in batch])
+            for sample, sample_probs in zip(batch, probs):
+                ids, scored, _ = stored[sample_key(sample)]
+                stored[sample_key(sample)] = (ids, scored, sample_probs)
+            append_records(path, [_record(sample, *stored[sample_key(sample)]) for sample in batch])
     result = []
     for sample in samples:
-        ids, rewards = stored.get(sample_key(sample), ([], [])) if complete(sample) else ([], [])
-        result.append(dataclasses.replace(sample, candidate_ids=ids, candidate_rewards=rewards))
+        ids, rewards, probs = stored[sample_key(sample)] if complete(sample) else ([], [], [])
+        result.append(dataclasses.replace(sample, candidate_ids=ids, candidate_rewards=rewards,
+                                          candidate_probs=probs if temperature is not None else None))
     return result
 
 
+def _record(sample: Sample, ids, rewards, probs) -> dict:
+    record = {"key": sample_key(sample), "ids": ids, "rewards": rewards}
+    return {**record, "probs": probs} if probs is not None else record
+
+
+def sampling_probabilities(base_model, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., V) float32: the distribution plain sampling draws from, softmax(logits / temperature) with the base's
+    generation_config.suppress_tokens removed (what sampling.sampling_kwargs asks of generate())."""
+    logits = logits.float() / temperature
+    suppressed = getattr(base_model.generation_config, "suppress_tokens", None)
+    if suppressed:
+        logits[..., list(suppressed)] = -math.inf
+    return logits.softmax(-1)
+
+
 @torch.no_grad()
-def _top_candidates(base_model, samples: Sequence[Sample], top_k: int, pad_token_id: int) -> list[list[list[int]]]:
-    """(T, top_k) ids per sample: the base's most likely next tokens at s_0 .. s_{T−1}, from one right-padded
-    teacher-forced forward of prompt ∘ completion[:T − 1]."""
+def _top_candidates(base_model, samples: Sequence[Sample], top_k: int, pad_token_id: int,
+                    temperature: float | None, given_ids: list | None = None) -> tuple[list, list]:
+    """(T, top_k) ids per sample, the base's most likely next tokens at s_0 .. s_{T−1} (or `given_ids`), and their
+    sampling probabilities (None per sample without a temperature), from one right-padded teacher-forced forward
+    of prompt ∘ completion[:T − 1]."""
     sequences = [sample.prompt_ids + sample.completion_ids[:-1] for sample in samples]
     input_ids, attention_mask = (t.to(base_model.device) for t in pad_batch(sequences, pad_token_id, "right"))
     with eval_mode(base_model):
         logits = base_model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
-    result = []
+    ids, probs = [], []
     for row, sample in enumerate(samples):
         states = slice(len(sample.prompt_ids) - 1, len(sample.prompt_ids) - 1 + len(sample.completion_ids))
-        result.append(logits[row, states].float().topk(min(top_k, logits.shape[-1]), dim=-1).indices.tolist())
-    return result
+        state_logits = logits[row, states].float()  # (T, V)
+        top = state_logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices if given_ids is None else \
+            torch.tensor(given_ids[row], device=logits.device)
+        ids.append(top.tolist())
+        probs.append(None if temperature is None else
+                     sampling_probabilities(base_model, state_logits, temperature).gather(1, top).tolist())
+    return ids, probs

@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     prefixes.add_argument("--no-prefix-rewards", action="store_true",
                           help="train on the returns alone (no reward calls on partial completions)")
     for option in dataclasses.fields(PrefixRewards):
-        prefixes.add_argument(f"--prefix-{option.name.replace('_', '-')}", type=type(option.default),
-                              default=option.default, help=option.metadata["help"])
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(option.default, bool) else \
+            dict(type=type(option.default))
+        prefixes.add_argument(f"--prefix-{option.name.replace('_', '-')}", default=option.default,
+                              help=option.metadata["help"], **kind)
     run.add_argument("--device", default=None, help="default: cuda (the local rank's) when available, else cpu")
     run.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice; on a busy machine fewer can be faster)")

@@ -178,9 +178,14 @@ def fit(
                                     run.path / PREFIX_REWARDS_NAME if run else None, progress=config.progress)
             if not prefix_rewards.candidates:
                 return scored
+            # the sampling probabilities of the candidates are exact only for plain sampling at a temperature
+            temperature = None if config.generation_kwargs else config.temperature
+            if temperature is None and prefix_rewards.control_variates:
+                logger.info("No control variates: generation_kwargs may change the sampling distribution, so the "
+                            "candidates' sampling probabilities are not known")
             return score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn, prefix_rewards.candidates,
                                     run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
-                                    pad_token_id, progress=config.progress)
+                                    pad_token_id, temperature, progress=config.progress)
 
         return _on_rank_zero(score, rank, world_size)
 

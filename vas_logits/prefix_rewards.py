@@ -56,6 +56,10 @@ class PrefixRewards:
         "also score the base's top-N next tokens at every sampled state (N · T more reward calls per sample) and "
         "train the prefix head on their contrasts to the drawn token (candidate_rewards.py; a local base model "
         "only; 0: off)")})
+    control_variates: bool = field(default=True, metadata={"help": (
+        "with candidates: correct the returns that train u by the candidates' rewards, sum over the top-N of "
+        "(p(a|s) − [a drawn]) · (r(s∘a) − r(s)) at every later state, which has mean zero under the base and "
+        "removes the noise of which of them was drawn (targets.control_variates)")})
 
     def __post_init__(self):
         for name in ("weight", "increment_weight"):
@@ -65,13 +69,16 @@ class PrefixRewards:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
             raise ValueError(f"`candidates` must be an int >= 0, got {self.candidates!r}")
+        if not isinstance(self.control_variates, bool):
+            raise ValueError(f"`control_variates` must be True or False, got {self.control_variates!r}")
         if self.weight == 0 and self.increment_weight == 0:
             raise ValueError("`weight` and `increment_weight` are both 0: pass prefix_rewards=None to fit() instead")
 
     def settings(self) -> dict:
         """What a checkpoint records of them (candidates only when used: older checkpoints resume unchanged)."""
+        with_candidates = ("candidates", "control_variates")
         return {f"prefix_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "candidates" or self.candidates}
+                if f.name not in with_candidates or self.candidates}
 
 
 def sample_key(sample: Sample) -> str:

@@ -30,9 +30,9 @@ class Sample:
 
     `first_state` > 0 marks a sibling rollout (siblings.py): its token at s_{first_state − 1} was not drawn by the
     base, so only the states s_{first_state} .. s_T are trained on it. `prefix_rewards` (prefix_rewards.py):
-    r_0 .. r_T, the reward of each partial completion; `candidate_ids` / `candidate_rewards` (candidate_rewards.py):
-    (T, k) the base's top-k next tokens a at s_0 .. s_{T−1} and r(s_t∘a). Those are kept in files of their own
-    (never in the samples')."""
+    r_0 .. r_T, the reward of each partial completion; `candidate_ids` / `candidate_rewards` / `candidate_probs`
+    (candidate_rewards.py): (T, k) the base's top-k next tokens a at s_0 .. s_{T−1}, r(s_t∘a) and the probability
+    that sampling drew a there. Those are kept in files of their own (never in the samples')."""
 
     prompt_index: int
     prompt_ids: list[int]
@@ -42,11 +42,12 @@ class Sample:
     prefix_rewards: list[float] | None = None
     candidate_ids: list[list[int]] | None = None
     candidate_rewards: list[list[float]] | None = None
+    candidate_probs: list[list[float]] | None = None
 
     def record(self) -> dict:
         """What a samples file stores of it."""
         record = asdict(self)
-        for name in ("prefix_rewards", "candidate_ids", "candidate_rewards"):
+        for name in ("prefix_rewards", "candidate_ids", "candidate_rewards", "candidate_probs"):
             del record[name]
         return record
 

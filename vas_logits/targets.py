@@ -16,7 +16,8 @@ import torch
 
 
 def td_lambda_targets(
-    values: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+    values: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor, gamma: float = 1.0, lam: float = 0.95,
+    step_rewards: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TD(lambda) targets for a batch of episodes of different lengths.
 
@@ -26,6 +27,8 @@ def td_lambda_targets(
         lengths: (batch,) T, the number of completion tokens (>= 1); states 0 .. T are valid.
         gamma: Discount per token.
         lam: The TD(lambda) trace parameter: 0 bootstraps from the next state, 1 is the Monte-Carlo return.
+        step_rewards: (batch, states) or None: r_t added to the transition s_t -> s_{t+1} for t < T (e.g. the
+            zero-mean control variates of `control_variates`); entries at t >= T are ignored.
 
     Returns:
         (batch, states) float32 targets; zero past each episode's s_T (mask them with `state_mask(lengths, states)`).
@@ -43,11 +46,37 @@ def td_lambda_targets(
         is_last = lengths == t + 1  # the transition into the terminal state s_T carries the reward
         next_value = torch.where(is_last, zero, values[:, t + 1])
         reward = torch.where(is_last, rewards, zero)
+        if step_rewards is not None:
+            reward = reward + step_rewards[:, t].float()
         delta = reward + gamma * next_value - values[:, t]
         advantage = torch.where(t < lengths, delta + gamma * lam * advantage, zero)
         targets[:, t] = advantage + values[:, t]
     targets[torch.arange(batch_size, device=values.device), lengths] = rewards
     return targets
+
+
+def control_variates(estimates: torch.Tensor, probabilities: torch.Tensor, drawn: torch.Tensor, valid: torch.Tensor,
+                     baselines: torch.Tensor) -> torch.Tensor:
+    """Zero-mean per-step corrections of a sampled return from the base's top-k candidates at each state.
+
+    At a state s_t the base drew a_t with probability p(a | s_t). For any estimate f(s_t, a) fixed before the
+    draw, c_t = sum_{a in top-k} (p(a | s_t) − [a = a_t]) · (f(s_t, a) − b_t) has E[c_t | s_t] = 0, so the return
+    R + sum_{j >= t} c_j estimates E[R | s_t] without bias; with f = Q it cancels the noise of each draw among the
+    top-k (the per-decision control variates of Sutton & Barto, 7.4). b_t only lowers the variance.
+
+    Args:
+        estimates: (batch, states − 1, k) f(s_t, a_j) for the k candidates of s_0 .. s_{S−2}.
+        probabilities: (batch, states − 1, k) p(a_j | s_t) under the sampling distribution.
+        drawn: (batch, states − 1, k) bool, candidate j is the token drawn at s_t.
+        valid: (batch, states − 1, k) bool, t < T and j a real candidate.
+        baselines: (batch, states − 1) b_t.
+
+    Returns:
+        (batch, states) float32 c_t, zero at t >= T (the step rewards of `td_lambda_targets`).
+    """
+    weights = (probabilities.float() - drawn.float()) * valid
+    corrections = (weights * (estimates.detach().float() - baselines.detach().float()[..., None])).sum(-1)
+    return torch.cat([corrections, torch.zeros_like(corrections[:, :1])], dim=1)
 
 
 def state_mask(lengths: torch.Tensor, num_states: int) -> torch.Tensor:

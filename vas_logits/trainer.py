@@ -8,7 +8,9 @@ fit() (fit.py) gathers the samples and builds the value model; `Trainer` runs th
            same features trained on the prefix rewards and their increments, u on V's TD targets with phi
            held fixed; phi is added into the value head when training ends (one scalar head, as saved).
            With candidate rewards (candidate_rewards.py), each state's candidates are appended to the batch
-           (a 4-D mask: each sees its prefix and itself) and phi learns their contrasts to the drawn token
+           (a 4-D mask: each sees its prefix and itself) and phi learns their contrasts to the drawn token;
+           with their sampling probabilities, u's targets are corrected by zero-mean control variates
+           (targets.control_variates) that replace which of the top-k was drawn by its expectation
 
 A checkpoint (weights, best weights, optimizer and RNG state, counters and the training settings) is written
 each epoch and on Ctrl-C, and resumed only with the same settings (run_dir.py keeps the folders). Progress
@@ -39,7 +41,7 @@ from .processor import attention_layout
 from .run_dir import COMPLETE_MARKER, RunDirectory
 from .sampling import Sample, pad_batch
 from .stream import additive_mask, within_window
-from .targets import distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
+from .targets import control_variates, distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
 from .value_model import WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ class Batch:
     candidate_columns: torch.Tensor | None = None  # (B, S − 1, k) the column of candidate j at state s_t
     candidate_rewards: torch.Tensor | None = None  # (B, S − 1, k) r(s_t∘a_j)
     candidate_valid: torch.Tensor | None = None  # (B, S − 1, k) t < T
+    candidate_probs: torch.Tensor | None = None  # (B, S − 1, k) p(a_j | s_t) of sampling, when known
+    candidate_drawn: torch.Tensor | None = None  # (B, S − 1, k) a_j is the token drawn at s_t
 
 
 def collate(samples: Sequence[Sample], pad_token_id: int, device, candidates: bool = False) -> Batch:
@@ -137,6 +141,14 @@ def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: 
     batch.allowed = allowed
     batch.candidate_columns = width + torch.arange(extra).reshape(num_states, top_k).expand(batch_size, -1, -1)
     batch.candidate_rewards, batch.candidate_valid = rewards, valid
+    if all(sample.candidate_probs is not None for sample in samples):
+        probs = torch.zeros(batch_size, num_states, top_k)
+        drawn = torch.zeros(batch_size, num_states, top_k, dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            for t, (tokens, values) in enumerate(zip(sample.candidate_ids, sample.candidate_probs)):
+                probs[row, t, : len(values)] = torch.tensor(values)
+                drawn[row, t, : len(tokens)] = torch.tensor(tokens) == sample.completion_ids[t]
+        batch.candidate_probs, batch.candidate_drawn = probs, drawn
 
 
 def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dtype: torch.dtype):
@@ -288,11 +300,23 @@ class Trainer:
         every column; u, mask: (B, S)."""
         phi = phi_columns.gather(1, batch.state_positions)  # (B, S)
         values = phi.detach() + u
-        targets = td_lambda_targets(values, rewards, batch.lengths, self.gamma, self.lam)
+        # in the value's units: r_t (B, S) and r(s_t∘a) (B, S − 1, k)
+        prefix = None if batch.prefix_rewards is None else (batch.prefix_rewards - self.reward_mean) / self.reward_std
+        candidates = None if batch.candidate_rewards is None else \
+            (batch.candidate_rewards - self.reward_mean) / self.reward_std
+        corrections = None  # the candidates' control variates (targets.control_variates)
+        if batch.candidate_probs is not None and prefix is not None and self.prefix_rewards.control_variates:
+            # b_t = r_t, known before the draw at s_t; but r_0 repeats r_1 (the empty completion is not scored),
+            # which depends on the draw: at s_0 the candidates' mean reward instead
+            baselines = prefix[:, :-1].clone()
+            weights = batch.candidate_probs[:, 0] * batch.candidate_valid[:, 0]
+            baselines[:, 0] = (weights * candidates[:, 0]).sum(-1) / weights.sum(-1).clamp(min=1e-12)
+            corrections = control_variates(candidates, batch.candidate_probs, batch.candidate_drawn,
+                                           batch.candidate_valid & mask[:, :-1, None], baselines)
+        targets = td_lambda_targets(values, rewards, batch.lengths, self.gamma, self.lam, corrections)
         loss = 0.5 * ((values - targets) ** 2 * mask).sum() / mask.sum()
-        if batch.prefix_rewards is None:
+        if prefix is None:
             return loss + 0.0 * phi.sum(), (phi + u).detach(), rewards, mask  # phi in the graph all the same
-        prefix = (batch.prefix_rewards - self.reward_mean) / self.reward_std  # (B, S) in the value's units
         scored = mask.clone()
         scored[:, 0] = False
         if scored.any():
@@ -305,7 +329,6 @@ class Trainer:
         if valid is not None and valid.any():  # phi(s_t∘a) − phi(s_{t+1}) against r(s_t∘a) − r_{t+1}
             batch_size, num_states, top_k = batch.candidate_columns.shape
             phi_candidates = phi_columns.gather(1, batch.candidate_columns.reshape(batch_size, -1))
-            candidates = (batch.candidate_rewards - self.reward_mean) / self.reward_std  # (B, S − 1, k)
             contrasts = (phi_candidates.view(batch_size, num_states, top_k) - phi[:, 1:, None]) - \
                 (candidates - prefix[:, 1:, None])
             loss = loss + self.prefix_rewards.increment_weight * 0.5 * (contrasts ** 2 * valid).sum() / valid.sum()
