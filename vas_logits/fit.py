@@ -8,6 +8,7 @@
                added into the value head at the end                                       (prefix_rewards.py)
     candidates = with `PrefixRewards(candidates=k)`, the same for the base's top-k next tokens at every state
                                                                                        (candidate_rewards.py)
+                 and, with their sampling probabilities, zero-mean control variates for u's returns (targets.py)
 
 The base model is only sampled from: its weights, their requires_grad and its train/eval mode are as they
 were when fit() returns. With `output_dir` nothing is lost: samples are appended as they are scored, a
