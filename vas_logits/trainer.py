@@ -120,14 +120,21 @@ def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: 
     ids = torch.zeros(batch_size, num_states, top_k, dtype=torch.long)
     rewards = torch.zeros(batch_size, num_states, top_k)
     valid = torch.zeros(batch_size, num_states, top_k, dtype=torch.bool)
+    with_probs = all(sample.candidate_probs is not None for sample in samples)
+    probs = torch.zeros(batch_size, num_states, top_k)
     for row, sample in enumerate(samples):
         for t, (tokens, values) in enumerate(zip(sample.candidate_ids, sample.candidate_rewards)):
             ids[row, t, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             rewards[row, t, : len(values)] = torch.tensor(values)
             valid[row, t, : len(tokens)] = True
+            if with_probs:
+                probs[row, t, : len(tokens)] = torch.tensor(sample.candidate_probs[t])
     extra = num_states * top_k
     total = width + extra
     state_ends = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]  # (B, S − 1) last column of s_t
+    if with_probs:  # the token drawn at s_t is the sequence's next column
+        drawn_tokens = batch.input_ids.gather(1, (state_ends + 1).clamp(max=width - 1))  # (B, S − 1)
+        batch.candidate_probs, batch.candidate_drawn = probs, (ids == drawn_tokens[..., None]) & valid
     limit = state_ends[..., None].expand(-1, -1, top_k).reshape(batch_size, extra)  # (B, E) its last visible column
     columns = torch.arange(total)
     real = batch.attention_mask.bool()
@@ -141,14 +148,6 @@ def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: 
     batch.allowed = allowed
     batch.candidate_columns = width + torch.arange(extra).reshape(num_states, top_k).expand(batch_size, -1, -1)
     batch.candidate_rewards, batch.candidate_valid = rewards, valid
-    if all(sample.candidate_probs is not None for sample in samples):
-        probs = torch.zeros(batch_size, num_states, top_k)
-        drawn = torch.zeros(batch_size, num_states, top_k, dtype=torch.bool)
-        for row, sample in enumerate(samples):
-            for t, (tokens, values) in enumerate(zip(sample.candidate_ids, sample.candidate_probs)):
-                probs[row, t, : len(values)] = torch.tensor(values)
-                drawn[row, t, : len(tokens)] = torch.tensor(tokens) == sample.completion_ids[t]
-        batch.candidate_probs, batch.candidate_drawn = probs, drawn
 
 
 def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dtype: torch.dtype):
