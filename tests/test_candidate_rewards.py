@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from tests.helpers import ARCHITECTURES, count_good_words, tiny_causal_lm, tiny_value_model, word_tokenizer
 from tests.test_prefix_rewards import FIT, Recorder
 from vas_logits import PrefixRewards, ValueModel, fit
-from vas_logits.candidate_rewards import score_candidates
+from vas_logits.candidate_rewards import distribution_changing_settings, score_candidates
 from vas_logits.prefix_rewards import score_prefixes
 from vas_logits.processor import attention_layout
 from vas_logits.sampling import Sample, SampleStore
@@ -105,6 +106,33 @@ def test_candidate_probabilities_are_the_sampling_distribution_and_old_records_g
             assert batch.candidate_drawn[row, t, : len(ids)].tolist() == [i == sample.completion_ids[t] for i in ids]
             torch.testing.assert_close(batch.candidate_probs[row, t, : len(ids)], torch.tensor(
                 sample.candidate_probs[t]))
+
+
+def test_settings_that_change_the_sampling_distribution_are_named():
+    assert distribution_changing_settings(GenerationConfig()) == {}
+    assert distribution_changing_settings(GenerationConfig(repetition_penalty=1.0, no_repeat_ngram_size=0)) == {}
+    changed = GenerationConfig(repetition_penalty=1.3, min_new_tokens=2, bad_words_ids=[[7]])
+    assert distribution_changing_settings(changed) == {"repetition_penalty": 1.3, "min_new_tokens": 2,
+                                                       "bad_words_ids": [[7]]}
+
+
+@pytest.mark.parametrize("setting", [{}, {"repetition_penalty": 1.3}])
+def test_fit_stores_sampling_probabilities_only_where_sampling_draws_from_them(tmp_path, caplog, setting):
+    """A base whose generation_config penalises repeats samples from another distribution than softmax(logits / T):
+    its candidates get no probabilities (so no control variates), and fit() says why, once."""
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    base.generation_config.update(**setting)
+    prompts = [f"w{5 + i} w{40 + i}" for i in range(8)]
+    with caplog.at_level("INFO", logger="vas_logits.fit"):
+        fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path, **FIT)
+    records = [json.loads(line) for line in (tmp_path / "candidate-rewards-top4.jsonl").read_text().splitlines()]
+    assert len(records) == 8 * 2
+    said = [record.getMessage() for record in caplog.records if "No control variates" in record.getMessage()]
+    if setting:
+        assert not any("probs" in record for record in records)
+        assert len(said) == 1 and "repetition_penalty=1.3" in said[0]
+    else:
+        assert all(len(record["probs"]) == len(record["ids"]) for record in records) and said == []
 
 
 def test_a_failing_reward_on_candidates_says_so(tmp_path):

@@ -131,6 +131,24 @@ def _record(sample: Sample, ids, rewards, probs) -> dict:
     return {**record, "probs": probs} if probs is not None else record
 
 
+# generation_config settings that make generate()'s sampling distribution differ from softmax(logits / T), each
+# with the values that leave it unchanged (sampling.sampling_kwargs already turns top_k, top_p and min_p off)
+_NEUTRAL_SETTINGS = {
+    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None, []),
+    "sequence_bias": (None, {}), "min_length": (None, 0), "min_new_tokens": (None, 0),
+    "begin_suppress_tokens": (None, []), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,), "watermarking_config": (None,),
+}
+
+
+def distribution_changing_settings(generation_config) -> dict:
+    """The settings of a base's generation_config under which sampling does not draw from
+    `sampling_probabilities` (a repetition penalty, a minimum length...), {name: value}; empty when it does."""
+    return {name: getattr(generation_config, name) for name, neutral in _NEUTRAL_SETTINGS.items()
+            if getattr(generation_config, name, None) not in neutral}
+
+
 def sampling_probabilities(base_model, logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """(..., V) float32: the distribution plain sampling draws from, softmax(logits / temperature) with the base's
     generation_config.suppress_tokens removed (what sampling.sampling_kwargs asks of generate())."""

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .candidate_rewards import score_candidates
+from .candidate_rewards import distribution_changing_settings, score_candidates
 from .fit_config import DEFAULT_PREFIX_REWARDS, FitConfig
 from .prefix_rewards import PrefixRewards, score_prefixes
 from .run_dir import (PREFIX_REWARDS_NAME, RunDirectory, candidates_file_name, round_file_name, sampling_fingerprint,
@@ -170,6 +170,16 @@ def fit(
     samples = _collect_samples(sampler, indexed, store, rank, world_size, config.seed,
                                None if records else config.samples_per_prompt, config.progress)
 
+    # the candidates' sampling probabilities are exact only for plain sampling at a temperature
+    candidate_temperature = None
+    if prefix_rewards is not None and prefix_rewards.candidates:
+        changes = {**distribution_changing_settings(getattr(base_model, "generation_config", None)),
+                   **(config.generation_kwargs or {})}
+        candidate_temperature = None if changes else config.temperature
+        if changes and prefix_rewards.control_variates:
+            logger.info("No control variates: %s change the base's sampling distribution, so the candidates' "
+                        "sampling probabilities are not known", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+
     def with_prefix_rewards(new_samples):  # the same on every process: rank 0 scores and stores, then shares
         if prefix_rewards is None:
             return new_samples
@@ -179,14 +189,9 @@ def fit(
                                     run.path / PREFIX_REWARDS_NAME if run else None, progress=config.progress)
             if not prefix_rewards.candidates:
                 return scored
-            # the sampling probabilities of the candidates are exact only for plain sampling at a temperature
-            temperature = None if config.generation_kwargs else config.temperature
-            if temperature is None and prefix_rewards.control_variates:
-                logger.info("No control variates: generation_kwargs may change the sampling distribution, so the "
-                            "candidates' sampling probabilities are not known")
             return score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn, prefix_rewards.candidates,
                                     run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
-                                    pad_token_id, temperature, progress=config.progress)
+                                    pad_token_id, candidate_temperature, progress=config.progress)
 
         return _on_rank_zero(score, rank, world_size)
 
