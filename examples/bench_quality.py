@@ -26,6 +26,8 @@ quality.json to --output.
     python examples/sentiment.py                          # trains and caches the scalar value model
     python examples/sentiment.py --head distributional    # and the distributional one
     python examples/bench_quality.py      # ~15 min on 2 CPU cores
+    python examples/bench_quality.py --value-models x2=PATH --baselines examples/results/quality.json \
+        --args-weights --masked-betas --name quality_x2   # a new model against the stored curves, in minutes
 """
 
 from __future__ import annotations
@@ -243,8 +245,13 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per generate() call, for every method")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--baselines", type=Path, default=None,
+                        help="an earlier run's quality.json (same prompts, seed, k and tokens): reuse its rows "
+                             "(Best-of-N, ARGS, other value models) instead of sampling --best-of per prompt again; "
+                             "base sampling then runs once per prompt, only to measure the cost unit")
     add_threads_option(parser)
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
+    parser.add_argument("--name", default="quality", help="output file names: NAME.md, NAME.png, NAME.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_threads(args.threads)
@@ -263,19 +270,22 @@ def main():
     print(f"{len(prompts)} held-out prompts; {args.max_new_tokens} new tokens; matmul parameters: base "
           f"{base_params / 1e6:.1f}M, value models {({k: f'{v / 1e6:.1f}M' for k, v in value_params.items()})}")
 
+    stored = load_baselines(args.baselines, names=[f"VAS {name}{suffix}" for name in value_models
+                                                     for suffix in ("", f", top-{args.top_k} only")])
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
+    base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
-    base_run = run_method(model, tokenizer, prompts, args.best_of, lambda: None, args)
-    base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, args.best_of)
+    base_run = run_method(model, tokenizer, prompts, base_per_prompt, lambda: None, args)
+    base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, base_per_prompt)
     per_sample = dict(  # base sampling's cost for one sample per prompt: the unit of every cost column
-        tokens=(base_run.prompt_tokens + base_run.slots) / args.best_of,
-        seconds=base_run.seconds / args.best_of,
+        tokens=(base_run.prompt_tokens + base_run.slots) / base_per_prompt,
+        seconds=base_run.seconds / base_per_prompt,
     )
     print(f"base: {len(base_run.completions)} samples in {base_run.seconds:.0f} s "
           f"(max |log pi - log pi_ref| {base_run.log_ratio.abs().max():.1e}, must be 0)")
 
-    results, n = [], 1
-    while n <= args.best_of:
+    results, n = list(stored), 1
+    while n <= args.best_of and not stored:
         reward, se = mean_and_se(best_of_n(base_rewards, n).tolist())
         scoring = n * base_scoring / args.best_of if n > 1 else 0.0  # best-of-1 = base sampling: nothing to pick
         wall = (n * per_sample["seconds"] + scoring) / per_sample["seconds"]
@@ -321,7 +331,24 @@ def main():
     sizes = ", ".join(f"{name} {params / 1e6:.0f}M" for name, params in value_params.items())
     title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
              f"T=1, k={args.top_k}; value models' matmul params: {sizes}")
-    write_results(results, args.output, "quality", title)
+    if stored:
+        title += f"; Best-of-N, ARGS and other rows from {args.baselines.name}"
+    write_results(results, args.output, args.name, title)
+
+
+def load_baselines(path: Path | None, names: list[str]) -> list[Result]:
+    """The rows of an earlier run's JSON (`--baselines`) but those of the methods in `names` (re-run now); [] for
+    None. It must hold the Best-of-N curve that gain ratios are measured against."""
+    if path is None:
+        return []
+    try:
+        rows = json.loads(Path(path).read_text())
+        results = [Result(**row) for row in rows if row["method"] not in names]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise SystemExit(f"--baselines {path}: not a quality.json written by this script ({error})") from error
+    if not any(r.method == "Best-of-N" for r in results):
+        raise SystemExit(f"--baselines {path}: it has no Best-of-N rows to measure gain ratios against")
+    return results
 
 
 if __name__ == "__main__":

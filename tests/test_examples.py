@@ -52,3 +52,24 @@ def test_gain_ratio_interpolates_best_of_n_linearly_in_kl():
     assert bench_quality.gain_ratio(0.2, 0.5, curve) == pytest.approx(0.5)
     assert bench_quality.gain_ratio(0.55, 1.5, curve) == pytest.approx(0.45 / 0.45)
     assert bench_quality.gain_ratio(0.9, 2.5, curve) is None  # past the largest N: nothing to compare with
+
+
+def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
+    rows = [bench_quality.Result("Best-of-N", f"N={n}", 0.1 * n, 0.01, 0.2 * n, n, n, n, kl_kind="formula")
+            for n in (1, 2)]
+    rows += [bench_quality.Result("VAS scalar", "β=2", 0.3, 0.02, 0.5, 1.0, 2.8, 1.2, gain_ratio=0.5),
+             bench_quality.Result("ARGS", "w=4", 0.25, 0.02, 0.4, 1.0, 1.0, 0.9)]
+    bench_quality.write_results(rows, tmp_path, "quality", "title")
+    kept = bench_quality.load_baselines(tmp_path / "quality.json", names=["VAS scalar"])
+    assert [(r.method, r.setting) for r in kept] == [("Best-of-N", "N=1"), ("Best-of-N", "N=2"), ("ARGS", "w=4")]
+    assert kept[0] == rows[0]  # read back whole, kl_kind and extra included
+    assert len(bench_quality.load_baselines(tmp_path / "quality.json", names=["VAS other"])) == 4
+    assert bench_quality.load_baselines(None, names=[]) == []
+    (tmp_path / "no_best_of.json").write_text('[{"method": "ARGS", "setting": "w=4", "reward": 0.2, '
+                                              '"reward_se": 0.0, "kl": 0.4, "forward_tokens": 1, "compute": 1, '
+                                              '"wall": 1}]')
+    with pytest.raises(SystemExit, match="no Best-of-N"):
+        bench_quality.load_baselines(tmp_path / "no_best_of.json", names=[])
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="--baselines"):
+        bench_quality.load_baselines(tmp_path / "broken.json", names=[])
