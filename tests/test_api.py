@@ -350,7 +350,7 @@ def test_ctrl_c_stops_every_prompt_and_keeps_what_was_generated(served, monkeypa
     assert all(r.num_steps == 0 and r.text == "" for r in results[1:])
 
 
-def test_ctrl_c_in_the_caller_returns_at_once_with_every_partial_text(served):
+def test_ctrl_c_in_the_caller_returns_at_once_with_every_partial_text(served, ctrl_c):
     """Ctrl-C while requests are in flight (answers now take 20 s): generate() raises within about a second,
     without waiting for them, and the KeyboardInterrupt carries each prompt's text so far."""
     import _thread
@@ -386,6 +386,7 @@ def test_ctrl_c_does_not_keep_the_interpreter_alive(served):
     served.delay = 30.0
     script = f"""
 import os, signal, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, should this process inherit SIGINT ignored
 from tests.helpers import tiny_value_model, word_tokenizer
 from vas_logits.api import VASClient
 from vas_logits.endpoint import CompletionsEndpoint

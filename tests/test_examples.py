@@ -1,7 +1,9 @@
 """The parts of the examples that compute figures the README reports: the Best-of-N estimator and ARGS-style
 guidance. (The examples themselves need SmolLM2 and are run by hand; see README.)"""
 
+import dataclasses
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -59,7 +61,7 @@ def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
             for n in (1, 2)]
     rows += [bench_quality.Result("VAS scalar", "β=2", 0.3, 0.02, 0.5, 1.0, 2.8, 1.2, gain_ratio=0.5),
              bench_quality.Result("ARGS", "w=4", 0.25, 0.02, 0.4, 1.0, 1.0, 0.9)]
-    bench_quality.write_results(rows, tmp_path, "quality", "title")
+    (tmp_path / "quality.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows]))  # as write_results
     kept = bench_quality.load_baselines(tmp_path / "quality.json", names=["VAS scalar"])
     assert [(r.method, r.setting) for r in kept] == [("Best-of-N", "N=1"), ("Best-of-N", "N=2"), ("ARGS", "w=4")]
     assert kept[0] == rows[0]  # read back whole, kl_kind and extra included

@@ -548,7 +548,7 @@ INTERRUPT_POINTS = {
 
 
 @pytest.mark.parametrize("point", INTERRUPT_POINTS)
-def test_an_interrupt_at_any_point_resumes_bit_for_bit(tmp_path, monkeypatch, point):
+def test_an_interrupt_at_any_point_resumes_bit_for_bit(tmp_path, monkeypatch, point, ctrl_c):
     """Ctrl-C anywhere in a step or an epoch's end, then a rerun: the same weights, bit for bit, as a run that
     was never interrupted (no batch applied twice or skipped, no evaluation lost)."""
     import importlib
@@ -568,7 +568,8 @@ def test_an_interrupt_at_any_point_resumes_bit_for_bit(tmp_path, monkeypatch, po
         assert torch.equal(tensor, other), key
 
 
-def test_an_epoch_resumed_with_another_batch_size_trains_on_each_remaining_sample_once(tmp_path, monkeypatch):
+def test_an_epoch_resumed_with_another_batch_size_trains_on_each_remaining_sample_once(tmp_path, monkeypatch,
+                                                                                        ctrl_c):
     """Interrupted after 2 steps of 4 samples, resumed with batches of 3: the epoch goes on with exactly the
     samples it has not seen, in its order (before: the saved step count was re-read in the new units)."""
     import vas_logits.trainer as trainer_module
