@@ -270,13 +270,14 @@ def main():
     print(f"{len(prompts)} held-out prompts; {args.max_new_tokens} new tokens; matmul parameters: base "
           f"{base_params / 1e6:.1f}M, value models {({k: f'{v / 1e6:.1f}M' for k, v in value_params.items()})}")
 
-    stored = load_baselines(args.baselines, names=[f"VAS {name}{suffix}" for name in value_models
-                                                     for suffix in ("", f", top-{args.top_k} only")])
+    sweeps = {name: [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 and args.masked_betas else [])
+              for index, name in enumerate(value_models)}  # (outside_top_k, betas) per value model
+    stored = load_baselines(args.baselines, names=[vas_group(name, outside, args.top_k)
+                                                   for name in value_models for outside, _ in sweeps[name]])
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
     base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
     base_run = run_method(model, tokenizer, prompts, base_per_prompt, lambda: None, args)
-    base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, base_per_prompt)
     per_sample = dict(  # base sampling's cost for one sample per prompt: the unit of every cost column
         tokens=(base_run.prompt_tokens + base_run.slots) / base_per_prompt,
         seconds=base_run.seconds / base_per_prompt,
@@ -284,14 +285,7 @@ def main():
     print(f"base: {len(base_run.completions)} samples in {base_run.seconds:.0f} s "
           f"(max |log pi - log pi_ref| {base_run.log_ratio.abs().max():.1e}, must be 0)")
 
-    results, n = list(stored), 1
-    while n <= args.best_of and not stored:
-        reward, se = mean_and_se(best_of_n(base_rewards, n).tolist())
-        scoring = n * base_scoring / args.best_of if n > 1 else 0.0  # best-of-1 = base sampling: nothing to pick
-        wall = (n * per_sample["seconds"] + scoring) / per_sample["seconds"]
-        kl = math.log(n) - (n - 1) / n
-        results.append(Result("Best-of-N", f"N={n}", reward, se, kl, n, n, wall, kl_kind="formula"))
-        n *= 2
+    results = stored or best_of_n_rows(base_run, prompts, args.best_of, per_sample["seconds"])
 
     curve = best_of_n_curve(results)
 
@@ -311,10 +305,9 @@ def main():
         print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}{gain}, wall {result.wall:.2f}×",
               flush=True)
 
-    for index, (name, value_model) in enumerate(value_models.items()):
-        sweeps = [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 else [])
-        for outside, betas in sweeps:
-            group = f"VAS {name}" + ("" if outside == "keep" else f", top-{args.top_k} only")
+    for name, value_model in value_models.items():
+        for outside, betas in sweeps[name]:
+            group = vas_group(name, outside, args.top_k)
             for beta in betas:
                 args.desc = f"{group} β={beta:g}"
                 run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
@@ -334,6 +327,25 @@ def main():
     if stored:
         title += f"; Best-of-N, ARGS and other rows from {args.baselines.name}"
     write_results(results, args.output, args.name, title)
+
+
+def best_of_n_rows(base_run: Run, prompts: list[str], best_of: int, seconds_per_sample: float) -> list[Result]:
+    """Best-of-N for N = 1, 2, 4 .. best_of from `best_of` base samples per prompt (the unbiased estimate)."""
+    base_rewards, base_scoring = per_prompt_rewards(base_run, prompts, best_of)
+    rows, n = [], 1
+    while n <= best_of:
+        reward, se = mean_and_se(best_of_n(base_rewards, n).tolist())
+        scoring = n * base_scoring / best_of if n > 1 else 0.0  # best-of-1 = base sampling: nothing to pick
+        wall = (n * seconds_per_sample + scoring) / seconds_per_sample
+        kl = math.log(n) - (n - 1) / n
+        rows.append(Result("Best-of-N", f"N={n}", reward, se, kl, n, n, wall, kl_kind="formula"))
+        n *= 2
+    return rows
+
+
+def vas_group(name: str, outside_top_k: str, top_k: int) -> str:
+    """The method name of a value model's rows: "VAS scalar", or "VAS scalar, top-20 only" for outside_top_k="mask"."""
+    return f"VAS {name}" + ("" if outside_top_k == "keep" else f", top-{top_k} only")
 
 
 def load_baselines(path: Path | None, names: list[str]) -> list[Result]:
