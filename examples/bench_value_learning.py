@@ -15,7 +15,9 @@ For each task: the exact-Q processor (the VAS closed form with the exact Q, the 
 model, each over a sweep of beta, both with outside_top_k="keep" and the same k; reward and KL measured on the
 same unseen prompts and seeds (KL: mean over samples of sum_t log pi(a_t|s_t) - log pi_ref(a_t|s_t)). The gain
 ratio of a fitted beta is (R - R_base) / (R_exact(KL) - R_base), the exact curve interpolated at its KL; the
-headline is the best ratio over betas whose KL is at least 0.5 nats. The learning curve repeats fit() at 1× to
+headline is the best ratio over betas whose KL is at least 0.5 nats. The same sweep of the closed form with only
+the exact reward of the text so far, r(s∘a) (ARGS-style decoding; all that exact prefix and candidate rewards can
+teach), is the bar a value model clears only by learning the future part of Q. The learning curve repeats fit() at 1× to
 16× the default sample budget (--prompts × fit()'s default 4 samples per prompt).
 
     python examples/bench_value_learning.py                     # the table, about 5 min on 2 CPU cores
@@ -150,8 +152,11 @@ class ExactQ(LogitsProcessor):
     """
 
     def __init__(self, transition: torch.Tensor, task: Task, prompt_length: int, new_tokens: int, beta: float,
-                 top_k: int = 10, outside_top_k: str = "keep", soft: bool = False):
+                 top_k: int = 10, outside_top_k: str = "keep", soft: bool = False, immediate: bool = False):
         self.task, self.prompt_length, self.new_tokens = task, prompt_length, new_tokens
+        # immediate: Q is only the reward of the text so far, r(s∘a), the future dropped: ARGS-style decoding with
+        # the exact reward, and all that exact prefix and candidate rewards can teach a value model
+        self.immediate = immediate
         self.beta, self.top_k, self.outside_top_k = beta, top_k, outside_top_k
         # soft: Q is the soft value (1/beta) log E[exp(beta R) | s∘a] instead of E[R | s∘a]: then the closed form
         # is the token-level factorisation of the sequence-level optimum pi_ref(y) exp(beta R(y)) / Z
@@ -187,12 +192,13 @@ class ExactQ(LogitsProcessor):
         remaining = self.new_tokens - t - 1  # tokens after the candidate
         if self.task.word_weights is not None:
             so_far = self.task.word_weights[completion].sum(-1, keepdim=True) if t else 0.0  # (B, 1)
-            return so_far + self.task.word_weights[candidates] + self.future[remaining][candidates]
+            future = 0.0 if self.immediate else self.future[remaining][candidates]
+            return so_far + self.task.word_weights[candidates] + future
         so_far = torch.tensor(self.task.rewards(completion.tolist()), dtype=torch.float64)[:, None]  # (B, 1)
         set_up = self.is_setup[completion].any(-1, keepdim=True) if t else torch.zeros(len(completion), 1, dtype=bool)
         state = (set_up | self.is_setup[candidates]).long()  # (B, k) after the candidate
         earned = set_up.double() * self.is_payoff[candidates]  # the candidate's own reward
-        return so_far + earned + self.future[remaining][candidates, state]
+        return so_far + earned + (0.0 if self.immediate else self.future[remaining][candidates, state])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         top_k = min(self.top_k, scores.shape[-1])
@@ -271,6 +277,11 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     exact = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
                                        ExactQ(transition, task, prompt_length, args.new_tokens, beta, args.top_k),
                                        **common)) for beta in args.exact_betas]
+    # ARGS-style: the exact reward of the text so far, no future; what fit() must beat to show it learned any
+    immediate = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
+                                           ExactQ(transition, task, prompt_length, args.new_tokens, beta, args.top_k,
+                                                  immediate=True), **common)) for beta in args.exact_betas]
+    gain_ratios(immediate, exact, base_point["reward"])
     ceiling = {}
     if getattr(args, "ceiling", False):  # the closed form's own limits: the soft value, and selection
         ceiling["soft"] = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
@@ -303,9 +314,14 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
                                         VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k="keep"),
                                         **common)) for beta in args.fit_betas]
     gain_ratios(fitted, exact, base_point["reward"])
+    args_curve = [{"kl": 0.0, "reward": base_point["reward"]}, *immediate]  # from the base at KL 0
+    for point in fitted:  # reward above the ARGS-style curve at the same KL (NaN past its last point)
+        point["vs_immediate"] = point["reward"] - interpolate(args_curve, point["kl"]) \
+            if point["kl"] <= max(p["kl"] for p in immediate) else float("nan")
     return {"task": task.name, "budget": budget, "samples": len(train) * fit_options.get("samples_per_prompt", 4),
             "fit_seconds": fit_seconds, "base": base_point, "exact": exact, "fitted": fitted,
-            "headline": headline(fitted, args.min_kl), **ceiling}
+            "headline": headline(fitted, args.min_kl), "immediate": immediate,
+            "immediate_headline": headline(immediate, args.min_kl), **ceiling}
 
 
 @torch.no_grad()
@@ -339,15 +355,19 @@ def markdown(results: list[dict], args, label: str) -> str:
              f"{args.eval_prompts} unseen prompts × {args.eval_samples} samples; torch threads "
              f"{torch.get_num_threads()}.", "",
              "| task | samples | fit s | base R | exact: R at KL (β) | fit(): best ratio at KL ≥ "
-             f"{args.min_kl} (β, KL, R) | fit(): every β (KL → ratio) |", "|---|---|---|---|---|---|---|"]
+             f"{args.min_kl} (β, KL, R) | fit(): every β (KL → ratio) | exact reward so far only (ARGS-style): "
+             f"best ratio | fit() − ARGS-style at the headline's KL |", "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
         exact = ", ".join(f"{p['reward']:.2f}@{p['kl']:.2f} ({p['beta']:g})" for p in result["exact"])
         best = result["headline"]
         best_text = (f"**{best['ratio']:.2f}** (β {best['beta']:g}, {best['kl']:.2f} nats, R {best['reward']:.2f})"
                      if best else "never reaches the KL")
         every = ", ".join(f"{p['kl']:.2f}→{p['ratio']:.2f}" for p in result["fitted"])
+        args_best = result.get("immediate_headline")
+        args_text = f"{args_best['ratio']:.2f} ({args_best['kl']:.2f} nats)" if args_best else "never reaches the KL"
+        versus = f"{best['vs_immediate']:+.3f}" if best and "vs_immediate" in best else ""
         lines.append(f"| {result['task']} | {result['samples']} | {result['fit_seconds']:.0f} | "
-                     f"{result['base']['reward']:.3f} | {exact} | {best_text} | {every} |")
+                     f"{result['base']['reward']:.3f} | {exact} | {best_text} | {every} | {args_text} | {versus} |")
     ceilings = [result for result in results if "best_of" in result]
     if ceilings:
         lines += ["", "The closed form's own ceiling against Best-of-N (32 base samples per prompt, unbiased; KL "
@@ -402,9 +422,11 @@ def main() -> None:
             result = run_task(tasks[name], args, base, tokenizer, transition, budget, fit_options)
             results.append(result)
             best = result["headline"]
+            args_best = result["immediate_headline"]
+            versus = f"; ARGS-style {args_best['ratio']:.2f}" if args_best else ""
             print(f"{name} ×{budget:g}: base {result['base']['reward']:.3f}; best ratio "
-                  f"{best['ratio']:.2f} at {best['kl']:.2f} nats (β {best['beta']:g})" if best else
-                  f"{name} ×{budget:g}: never reaches {args.min_kl} nats", flush=True)
+                  f"{best['ratio']:.2f} at {best['kl']:.2f} nats (β {best['beta']:g}){versus}" if best else
+                  f"{name} ×{budget:g}: never reaches {args.min_kl} nats{versus}", flush=True)
     table = markdown(results, args, args.label)
     print(table)
     args.output.mkdir(parents=True, exist_ok=True)

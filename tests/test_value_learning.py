@@ -51,6 +51,23 @@ def test_exact_q_equals_the_sum_over_every_continuation(setting, task_name, gene
         assert value == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("task_name", ["count", "lexicon", "temporal"])
+def test_the_immediate_q_is_the_reward_of_the_text_so_far(setting, task_name):
+    """ARGS-style decoding's Q: the exact reward of prefix + [candidate], no future (for temporal, a setup
+    candidate earns nothing and a payoff one 1 after a setup word)."""
+    base, tokenizer, transition, tasks = setting
+    task = tasks[task_name]
+    prompt = tokenizer(["w5 w60 w7 w33"], return_tensors="pt")["input_ids"]
+    candidates = torch.tensor([[11, 40, 95, 33]])
+    for prefix in ([], [32], [32, 41], [50]):
+        input_ids = torch.cat([prompt, torch.tensor([prefix], dtype=torch.long).view(1, -1)], dim=1)
+        immediate = bench.ExactQ(transition, task, prompt.shape[1], 4, beta=1.0, immediate=True)
+        q = immediate.q_values(input_ids, candidates)[0].tolist()
+        assert q == pytest.approx(task.rewards([[*prefix, c] for c in candidates[0].tolist()]), abs=1e-12)
+        full = bench.ExactQ(transition, task, prompt.shape[1], 4, beta=1.0).q_values(input_ids, candidates)[0]
+        assert not torch.allclose(full, torch.tensor(q, dtype=torch.float64))  # the future is not zero here
+
+
 def test_the_base_is_context_free_and_every_completion_has_the_full_length(setting):
     base, tokenizer, transition, tasks = setting
     assert torch.allclose(transition.sum(-1), torch.ones(bench.VOCAB_SIZE, dtype=torch.float64))
