@@ -274,20 +274,19 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     prompt_length = len(tokenizer(unseen[0])["input_ids"])
     common = dict(new_tokens=args.new_tokens, samples_per_prompt=args.eval_samples, seed=args.seed)
     base_point = measure(base, tokenizer, transition, task, unseen, None, **common)
-    exact = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
-                                       ExactQ(transition, task, prompt_length, args.new_tokens, beta, args.top_k),
-                                       **common)) for beta in args.exact_betas]
+
+    def exact_sweep(**options) -> list[dict]:  # the closed form with an exact Q (ExactQ's options) at each beta
+        return [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
+                                          ExactQ(transition, task, prompt_length, args.new_tokens, beta, args.top_k,
+                                                 **options), **common)) for beta in args.exact_betas]
+
+    exact = exact_sweep()
     # ARGS-style: the exact reward of the text so far, no future; what fit() must beat to show it learned any
-    immediate = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
-                                           ExactQ(transition, task, prompt_length, args.new_tokens, beta, args.top_k,
-                                                  immediate=True), **common)) for beta in args.exact_betas]
+    immediate = exact_sweep(immediate=True)
     gain_ratios(immediate, exact, base_point["reward"])
     ceiling = {}
     if getattr(args, "ceiling", False):  # the closed form's own limits: the soft value, and selection
-        ceiling["soft"] = [dict(beta=beta, **measure(base, tokenizer, transition, task, unseen,
-                                                     ExactQ(transition, task, prompt_length, args.new_tokens, beta,
-                                                            args.top_k, soft=True), **common))
-                           for beta in args.exact_betas]
+        ceiling["soft"] = exact_sweep(soft=True)
         ceiling["best_of"] = best_of_n_curve(base, tokenizer, task, unseen, args)
         for name, points in (("exact", exact), ("soft", ceiling["soft"])):
             ceiling[f"{name}_vs_best_of"] = [dict(beta=p["beta"], kl=p["kl"],
@@ -363,9 +362,9 @@ def markdown(results: list[dict], args, label: str) -> str:
         best_text = (f"**{best['ratio']:.2f}** (β {best['beta']:g}, {best['kl']:.2f} nats, R {best['reward']:.2f})"
                      if best else "never reaches the KL")
         every = ", ".join(f"{p['kl']:.2f}→{p['ratio']:.2f}" for p in result["fitted"])
-        args_best = result.get("immediate_headline")
+        args_best = result["immediate_headline"]
         args_text = f"{args_best['ratio']:.2f} ({args_best['kl']:.2f} nats)" if args_best else "never reaches the KL"
-        versus = f"{best['vs_immediate']:+.3f}" if best and "vs_immediate" in best else ""
+        versus = f"{best['vs_immediate']:+.3f}" if best else ""
         lines.append(f"| {result['task']} | {result['samples']} | {result['fit_seconds']:.0f} | "
                      f"{result['base']['reward']:.3f} | {exact} | {best_text} | {every} | {args_text} | {versus} |")
     ceilings = [result for result in results if "best_of" in result]
