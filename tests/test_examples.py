@@ -75,3 +75,38 @@ def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(SystemExit, match="--baselines"):
         bench_quality.load_baselines(tmp_path / "broken.json", names=[])
+
+
+def _future_part_records(q, r, probs, noise_std, rollouts, generator):
+    """bench_future_part records: candidates' returns drawn as Q + Gaussian noise."""
+    returns = q[..., None] + noise_std * torch.randn(*q.shape, rollouts, generator=generator, dtype=torch.float64)
+    return [dict(probs=probs[i].tolist(), immediate=r[i].tolist(), returns=returns[i].tolist())
+            for i in range(q.shape[0])]
+
+
+def test_future_part_statistics_remove_the_rollouts_noise_and_measure_steering_efficiency():
+    bench_future_part = pytest.importorskip("bench_future_part")
+    generator = torch.Generator().manual_seed(0)
+    states, k = 4000, 4
+    r = 0.06 * torch.randn(states, k, generator=generator, dtype=torch.float64)
+    future = 0.05 * torch.randn(states, k, generator=generator, dtype=torch.float64)  # independent of r
+    probs = torch.rand(states, k, generator=generator, dtype=torch.float64) + 0.1
+    records = _future_part_records(r + future, r, probs, noise_std=0.3, rollouts=16, generator=generator)
+    moments = [bench_future_part.state_moments(record) for record in records]
+    result = bench_future_part.efficiencies(moments)
+    w = probs / probs.sum(-1, keepdim=True)
+
+    def weighted_var(x):
+        return float((w * (x - (w * x).sum(-1, keepdim=True)) ** 2).sum(-1).mean())
+
+    true_q, true_r = weighted_var(r + future), weighted_var(r)
+    assert result["std_q"] == pytest.approx(true_q ** 0.5, rel=0.05)
+    assert result["std_r"] == pytest.approx(true_r ** 0.5, rel=1e-9)
+    naive = sum(m["qq"] for m in moments) / len(moments)  # uncorrected: the noise (0.3 / 4 per mean) dominates
+    assert naive ** 0.5 > 1.3 * true_q ** 0.5
+    assert result["eff_r"] == pytest.approx((true_r / true_q) ** 0.5, rel=0.05)  # corr(r + f, r), f independent
+    # a future part proportional to the immediate reward leaves ARGS-style fully efficient
+    exact = _future_part_records(2.5 * r, r, probs, noise_std=0.0, rollouts=2, generator=generator)
+    proportional = bench_future_part.efficiencies([bench_future_part.state_moments(rec) for rec in exact])
+    assert proportional["eff_r"] == pytest.approx(1.0, abs=1e-9)
+    assert proportional["std_f"] == pytest.approx(1.5 * true_r ** 0.5, rel=1e-6)
