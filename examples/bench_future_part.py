@@ -16,8 +16,8 @@ one beta for all states, as decoding uses). A future part proportional to r (pos
 text) leaves ARGS's efficiency at 1: a larger ARGS weight then steers as the exact Q does. Reported for
 g = r (ARGS-style), g = the value model's V(s∘a), and g = the future part f alone. Var_w(Q̂) is corrected for
 the rollouts' noise with each candidate's own sample variance (E Var_w(Q̂) = Var_w(Q) + sum_a w_a (1 − w_a)
-s_a² / M); covariances with exact scores need no correction. Standard errors and 5th-95th percentiles by bootstrap over
-states. First order: a guide to small tilts, not a bound at the 1-3 nats the benchmark steers at.
+s_a² / M); covariances with exact scores need no correction. Standard errors and 5th-95th percentiles by
+bootstrap over states. First order: a guide to small tilts, not a bound at the 1-3 nats the benchmark steers at.
 
     python examples/bench_future_part.py --states 128        # the README's figures: 128 states × top-4 × 64
                                                              # rollouts, about 45 min on 2 CPU cores
