@@ -134,9 +134,8 @@ def efficiencies(moments: list[dict[str, float]]) -> dict[str, float]:
         out["std_v"] = math.sqrt(total["vv"])
         out["eff_v"] = total["qv"] / math.sqrt(total["vv"] * var_q) if var_q > 0 else math.nan
         out["corr_v_r"] = total["rv"] / math.sqrt(total["vv"] * var_r) if var_r > 0 else math.nan
-        # does V's part beyond r carry the future? corr of (v - b r) residual with f is diluted by f's noise, so
-        # report the covariance of V with f, unbiased: Cov_w(v, f) = Cov_w(v, q) - Cov_w(v, r)
-        out["cov_v_f"] = total["fv"]
+        # does V carry the future part? Cov_w(V, f) is unbiased (f's noise is independent of V); Var_w(f) corrected
+        out["corr_v_f"] = total["fv"] / math.sqrt(total["vv"] * var_f) if var_f > 0 else math.nan
     out["eff_f"] = total["qf"] / math.sqrt(var_f * var_q) if var_f > 0 and var_q > 0 else math.nan
     return out
 
@@ -166,8 +165,9 @@ def main():
     parser.add_argument("--max-prefix", type=int, default=12, help="states take t ~ U{0 .. this} base tokens")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="completion length, as bench_quality.py")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--value-model", type=Path, default=CACHE / "sentiment-4layers" / "value_model",
-                        help="a saved value model whose V(s∘a) to score as well (none if missing)")
+    parser.add_argument("--value-models", nargs="*", metavar="NAME=PATH",
+                        default=[f"main job={CACHE / 'sentiment-4layers' / 'value_model'}"],
+                        help="saved scalar value models whose V(s∘a) to score as well (those missing are skipped)")
     parser.add_argument("--cache", type=Path, default=CACHE / "future-part" / "rollouts.jsonl")
     add_threads_option(parser)
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
@@ -200,18 +200,27 @@ def main():
             done[state["index"]] = record
     seconds = time.perf_counter() - start
     records = [done[state["index"]] for state in states]
-    if (args.value_model / "model.safetensors").exists():
-        value_model = ValueModel.from_pretrained(args.value_model).eval()
-        for state, record in zip(states, records):
-            record["value"] = value_scores(value_model, state, record["candidates"])
     moments = [state_moments(record) for record in records]
     result, errors = efficiencies(moments), bootstrap(moments)
     mass = sum(sum(record["probs"]) for record in records) / len(records)
-    result.update(states=len(records), top_k_mass=mass, rollout_seconds=seconds, settings=settings,
-                  value_model=str(args.value_model) if "value" in records[0] else None, errors=errors)
+    result.update(states=len(records), top_k_mass=mass, rollout_seconds_this_run=seconds, settings=settings,
+                  errors=errors, value_models={})
+    for entry in args.value_models:
+        name, _, path = entry.partition("=")
+        if not (Path(path) / "model.safetensors").exists():
+            logging.getLogger("examples").warning("No value model at %s: skipped", path)
+            continue
+        value_model = ValueModel.from_pretrained(path).eval()
+        scored = [dict(record, value=value_scores(value_model, state, record["candidates"]))
+                  for state, record in zip(states, records)]
+        scored_moments = [state_moments(record) for record in scored]
+        stats, stat_errors = efficiencies(scored_moments), bootstrap(scored_moments)
+        keys = ("eff_v", "corr_v_r", "corr_v_f", "std_v")
+        result["value_models"][name] = dict(path=path, **{key: stats[key] for key in keys},
+                                            errors={key: stat_errors[key] for key in keys if key in stat_errors})
 
-    def cell(key):  # value ± s.e. [5th, 95th percentile], bootstrap over states
-        value, error = result[key], errors.get(key, dict(se=math.nan, p5=math.nan, p95=math.nan))
+    def cell(key, stats=result):  # value ± s.e. [5th, 95th percentile], bootstrap over states
+        value, error = stats[key], stats["errors"].get(key, dict(se=math.nan, p5=math.nan, p95=math.nan))
         return f"{value:.3f} ± {error['se']:.3f} [{error['p5']:.2f}, {error['p95']:.2f}]"
 
     lines = [f"Monte-Carlo Q on SmolLM2-135M-Instruct + VADER: {len(records)} states (held-out opening + t ~ U{{0.."
@@ -223,13 +232,14 @@ def main():
              f"| within-state std of r(s∘a) (ARGS's score) | {cell('std_r')} |",
              f"| within-state std of the future part f = Q − r (noise-corrected) | {cell('std_f')} |",
              f"| rollout noise in Q̂'s within-state std | {result['noise_std']:.3f} |",
-             f"| share of Var_w(Q) that is not r's: Var_w(f) / Var_w(Q) | {cell('share_f')} |",
+             f"| Var_w(f) / Var_w(Q) | {cell('share_f')} |",
              f"| ARGS-style's steering efficiency corr_w(Q, r) | {cell('eff_r')} |",
              f"| first-order gain at equal KL, exact Q over ARGS-style (1 / efficiency) | {cell('oracle_over_r')} |"]
-    if "eff_v" in result:
-        lines += [f"| value model's steering efficiency corr_w(Q, V) | {cell('eff_v')} |",
-                  f"| corr_w(V, r) | {cell('corr_v_r')} |",
-                  f"| Cov_w(V, f) (unbiased; > 0: V carries some of the future) | {cell('cov_v_f')} |"]
+    if result["value_models"]:
+        lines += ["", "| value model | steering efficiency corr_w(Q, V) | corr_w(V, r) | corr_w(V, f) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {cell('eff_v', stats)} | {cell('corr_v_r', stats)} | {cell('corr_v_f', stats)} |"
+                  for name, stats in result["value_models"].items()]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (args.output / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

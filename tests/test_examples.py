@@ -105,6 +105,11 @@ def test_future_part_statistics_remove_the_rollouts_noise_and_measure_steering_e
     naive = sum(m["qq"] for m in moments) / len(moments)  # uncorrected: the noise (0.3 / 4 per mean) dominates
     assert naive ** 0.5 > 1.3 * true_q ** 0.5
     assert result["eff_r"] == pytest.approx((true_r / true_q) ** 0.5, rel=0.05)  # corr(r + f, r), f independent
+    # a value model that knows the future part exactly: its correlation with the noisy f̂ is corrected back to 1
+    knowing = [dict(record, value=future[i].tolist()) for i, record in enumerate(records)]
+    scored = bench_future_part.efficiencies([bench_future_part.state_moments(record) for record in knowing])
+    assert scored["corr_v_f"] == pytest.approx(1.0, abs=0.05)
+    assert scored["eff_v"] == pytest.approx(((true_q - true_r) / true_q) ** 0.5, rel=0.05)
     # a future part proportional to the immediate reward leaves ARGS-style fully efficient
     exact = _future_part_records(2.5 * r, r, probs, noise_std=0.0, rollouts=2, generator=generator)
     proportional = bench_future_part.efficiencies([bench_future_part.state_moments(rec) for rec in exact])
