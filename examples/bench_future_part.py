@@ -93,9 +93,16 @@ def rollout_state(model, tokenizer, state: dict, top_k: int, rollouts: int, new_
 
 @torch.no_grad()
 def value_scores(value_model: ValueModel, state: dict, candidates: list[int]) -> list[float]:
-    """The value model's V(s∘a) of each candidate, in reward units."""
-    ids = torch.tensor([state["prompt_ids"] + state["completion"] + [a] for a in candidates])
-    values = value_model(input_ids=ids, attention_mask=torch.ones_like(ids)).values[:, -1]
+    """The value model's Q(s, a) of each candidate, in reward units: V(s∘a), or the token head's Q(s, a)."""
+    ids = state["prompt_ids"] + state["completion"]
+    if value_model.token_head:  # one forward of s values every candidate
+        state_ids = torch.tensor([ids])
+        output = value_model(input_ids=state_ids, attention_mask=torch.ones_like(state_ids),
+                             next_tokens=torch.tensor([[candidates]]))
+        values = output.values[0, -1]
+    else:
+        with_candidates = torch.tensor([ids + [a] for a in candidates])
+        values = value_model(input_ids=with_candidates, attention_mask=torch.ones_like(with_candidates)).values[:, -1]
     config = value_model.config
     if config.reward_std is not None:
         values = config.reward_mean + config.reward_std * values
@@ -167,7 +174,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--value-models", nargs="*", metavar="NAME=PATH",
                         default=[f"main job={CACHE / 'sentiment-4layers' / 'value_model'}"],
-                        help="saved scalar value models whose V(s∘a) to score as well (those missing are skipped)")
+                        help="saved value models whose Q(s, a) to score as well (those missing are skipped)")
     parser.add_argument("--cache", type=Path, default=CACHE / "future-part" / "rollouts.jsonl")
     add_threads_option(parser)
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
