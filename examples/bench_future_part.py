@@ -140,6 +140,7 @@ def efficiencies(moments: list[dict[str, float]]) -> dict[str, float]:
     if "vv" in total:
         out["std_v"] = math.sqrt(total["vv"])
         out["eff_v"] = total["qv"] / math.sqrt(total["vv"] * var_q) if var_q > 0 else math.nan
+        out["r_minus_v"] = out["eff_r"] - out["eff_v"]  # paired: bootstrapped on the same states
         out["corr_v_r"] = total["rv"] / math.sqrt(total["vv"] * var_r) if var_r > 0 else math.nan
         # does V carry the future part? Cov_w(V, f) is unbiased (f's noise is independent of V); Var_w(f) corrected
         out["corr_v_f"] = total["fv"] / math.sqrt(total["vv"] * var_f) if var_f > 0 else math.nan
@@ -222,7 +223,7 @@ def main():
                   for state, record in zip(states, records)]
         scored_moments = [state_moments(record) for record in scored]
         stats, stat_errors = efficiencies(scored_moments), bootstrap(scored_moments)
-        keys = ("eff_v", "corr_v_r", "corr_v_f", "std_v")
+        keys = ("eff_v", "r_minus_v", "corr_v_r", "corr_v_f", "std_v")
         result["value_models"][name] = dict(path=path, **{key: stats[key] for key in keys},
                                             errors={key: stat_errors[key] for key in keys if key in stat_errors})
 
@@ -243,10 +244,10 @@ def main():
              f"| ARGS-style's steering efficiency corr_w(Q, r) | {cell('eff_r')} |",
              f"| first-order gain at equal KL, exact Q over ARGS-style (1 / efficiency) | {cell('oracle_over_r')} |"]
     if result["value_models"]:
-        lines += ["", "| value model | steering efficiency corr_w(Q, V) | corr_w(V, r) | corr_w(V, f) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {cell('eff_v', stats)} | {cell('corr_v_r', stats)} | {cell('corr_v_f', stats)} |"
-                  for name, stats in result["value_models"].items()]
+        lines += ["", "| value model | steering efficiency corr_w(Q, V) | ARGS-style's minus V's | corr_w(V, r) | "
+                      "corr_w(V, f) |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {cell('eff_v', stats)} | {cell('r_minus_v', stats)} | {cell('corr_v_r', stats)} | "
+                  f"{cell('corr_v_f', stats)} |" for name, stats in result["value_models"].items()]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (args.output / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
