@@ -19,8 +19,8 @@ the rollouts' noise with each candidate's own sample variance (E Var_w(Q̂) = Va
 s_a² / M); covariances with exact scores need no correction. Standard errors and 5th-95th percentiles by
 bootstrap over states. First order: a guide to small tilts, not a bound at the 1-3 nats the benchmark steers at.
 
-    python examples/bench_future_part.py --states 128        # the README's figures: 128 states × top-4 × 64
-                                                             # rollouts, about 45 min on 2 CPU cores
+    python examples/bench_future_part.py                     # the README's figures: 128 states × top-4 × 64
+                                                             # rollouts, about 47 min on 2 CPU cores
     python examples/bench_future_part.py --states 8 --rollouts 8    # a quick look
 
 Rollout rewards are appended to --cache (one line per state) as they finish, so an interrupted run resumes.
@@ -167,7 +167,7 @@ def bootstrap(moments: list[dict[str, float]], draws: int = 1000, seed: int = 0)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--states", type=int, default=64)
+    parser.add_argument("--states", type=int, default=128)
     parser.add_argument("--rollouts", type=int, default=64, help="base continuations per candidate (M)")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--max-prefix", type=int, default=12, help="states take t ~ U{0 .. this} base tokens")
@@ -181,6 +181,11 @@ def main():
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
     parser.add_argument("--name", default="future_part_mc")
     args = parser.parse_args()
+    for name, least in (("states", 2), ("rollouts", 2), ("top_k", 2), ("max_new_tokens", 1)):
+        if getattr(args, name) < least:  # one rollout has no sample variance to correct the noise with
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if not 0 <= args.max_prefix < args.max_new_tokens:
+        parser.error(f"--max-prefix must be in [0, --max-new-tokens), got {args.max_prefix}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_threads(args.threads)
     model, tokenizer = load_smollm2()
