@@ -44,6 +44,11 @@ from tqdm.auto import tqdm
 from vas_logits import ValueModel
 
 
+def state_seed(seed: int, index: int) -> int:
+    """The torch seed of state `index`'s sampling, so each state's draws stay the same whatever --states is."""
+    return seed * 100_003 + index
+
+
 @torch.no_grad()
 def make_states(model, tokenizer, prompts: list[str], count: int, max_prefix: int, seed: int) -> list[dict]:
     """`count` states: opening i (cycling) plus t ~ U{0 .. max_prefix} base-sampled tokens (EOS never among them)."""
@@ -54,7 +59,7 @@ def make_states(model, tokenizer, prompts: list[str], count: int, max_prefix: in
         t = int(torch.randint(0, max_prefix + 1, (1,), generator=generator))
         prompt_ids = tokenizer(prompt)["input_ids"]
         completion: list[int] = []
-        torch.manual_seed(seed * 100_003 + index)
+        torch.manual_seed(state_seed(seed, index))
         while t and len(completion) < t:  # resample until the first t tokens hold no EOS
             output = model.generate(torch.tensor([prompt_ids]), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                     max_new_tokens=t, pad_token_id=tokenizer.eos_token_id)
@@ -76,7 +81,7 @@ def rollout_state(model, tokenizer, state: dict, top_k: int, rollouts: int, new_
     candidate_texts = [tokenizer.decode(state["completion"] + [a], skip_special_tokens=True) for a in candidates]
     immediate = vader_reward([prompt] * top_k, candidate_texts)
     remaining = new_tokens - len(state["completion"]) - 1
-    torch.manual_seed(seed * 100_003 + state["index"])
+    torch.manual_seed(state_seed(seed, state["index"]))
     rolled = [a for a in candidates if a != tokenizer.eos_token_id] if remaining > 0 else []
     texts = {}
     if rolled:  # every candidate's rollouts in one generate() call: the rows all have the same length
@@ -247,7 +252,8 @@ def main():
              f"| rollout noise in Q̂'s within-state std | {result['noise_std']:.3f} |",
              f"| Var_w(f) / Var_w(Q) | {cell('share_f')} |",
              f"| ARGS-style's steering efficiency corr_w(Q, r) | {cell('eff_r')} |",
-             f"| first-order gain at equal KL, exact Q over ARGS-style (1 / efficiency) | {cell('oracle_over_r')} |"]
+             f"| first-order gain at equal KL, exact Q over ARGS-style (1 / efficiency) | {cell('oracle_over_r')} |",
+             f"| the future part's own efficiency corr_w(Q, f) | {cell('eff_f')} |"]
     if result["value_models"]:
         lines += ["", "| value model | steering efficiency corr_w(Q, V) | ARGS-style's minus V's | corr_w(V, r) | "
                       "corr_w(V, f) |", "|---|---|---|---|---|"]
