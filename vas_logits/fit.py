@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from .candidate_rewards import distribution_changing_settings, score_candidates
 from .fit_config import DEFAULT_PREFIX_REWARDS, FitConfig
+from .lookahead import lookahead_file_name, score_lookahead
 from .prefix_rewards import PrefixRewards, score_prefixes
 from .run_dir import (PREFIX_REWARDS_NAME, RunDirectory, candidates_file_name, round_file_name, sampling_fingerprint,
                       siblings_file_name)
@@ -176,6 +177,9 @@ def fit(
         changes = {**distribution_changing_settings(getattr(base_model, "generation_config", None)),
                    **(config.generation_kwargs or {})}
         candidate_temperature = None if changes else config.temperature
+        if changes and prefix_rewards.lookahead:
+            logger.warning("No lookahead labels: %s change the base's sampling distribution, so p(b | x) is not "
+                           "known", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
         if changes and prefix_rewards.control_variates:
             logger.info("No control variates: %s change the base's sampling distribution, so the candidates' "
                         "sampling probabilities are not known", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
@@ -189,9 +193,15 @@ def fit(
                                     run.path / PREFIX_REWARDS_NAME if run else None, progress=config.progress)
             if not prefix_rewards.candidates:
                 return scored
-            return score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn, prefix_rewards.candidates,
-                                    run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
-                                    pad_token_id, candidate_temperature, progress=config.progress)
+            scored = score_candidates(base_model, tokenizer, scored, prompt_texts, reward_fn,
+                                      prefix_rewards.candidates,
+                                      run.path / candidates_file_name(prefix_rewards.candidates) if run else None,
+                                      pad_token_id, candidate_temperature, progress=config.progress)
+            if not prefix_rewards.lookahead or candidate_temperature is None:
+                return scored
+            return score_lookahead(base_model, tokenizer, scored, prompt_texts, reward_fn, config.max_new_tokens,
+                                   run.path / lookahead_file_name(prefix_rewards.candidates) if run else None,
+                                   pad_token_id, candidate_temperature, progress=config.progress)
 
         return _on_rank_zero(score, rank, world_size)
 

@@ -60,6 +60,10 @@ class PrefixRewards:
         "with candidates: correct the returns that train u by the candidates' rewards, sum over the top-N of "
         "(p(a|s) − [a drawn]) · (r(s∘a) − r(s)) at every later state, which has mean zero under the base and "
         "removes the noise of which of them was drawn (targets.control_variates)")})
+    lookahead: bool = field(default=False, metadata={"help": (
+        "with candidates: replace every label of the prefix head by its expectation one base step further, "
+        "r(x) + sum over the base's top-N next tokens b of p(b|x) · (r(x∘b) − r(x)) (lookahead.py: one more base "
+        "forward and N² · T more reward calls per sample), so phi also learns what a token sets up")})
 
     def __post_init__(self):
         for name in ("weight", "increment_weight"):
@@ -69,8 +73,12 @@ class PrefixRewards:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
         if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 0:
             raise ValueError(f"`candidates` must be an int >= 0, got {self.candidates!r}")
-        if not isinstance(self.control_variates, bool):
-            raise ValueError(f"`control_variates` must be True or False, got {self.control_variates!r}")
+        for name in ("control_variates", "lookahead"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        if self.lookahead and not self.candidates:
+            raise ValueError("`lookahead` needs the candidates' rewards and probabilities: set `candidates` > 0 "
+                             f"(got candidates={self.candidates!r})")
         if self.weight == 0 and self.increment_weight == 0:
             raise ValueError("`weight` and `increment_weight` are both 0: pass prefix_rewards=None to fit() instead")
 
@@ -78,7 +86,7 @@ class PrefixRewards:
         """What a checkpoint records of them (candidates only when used: older checkpoints resume unchanged)."""
         with_candidates = ("candidates", "control_variates")
         return {f"prefix_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in with_candidates or self.candidates}
+                if (f.name not in with_candidates or self.candidates) and (f.name != "lookahead" or self.lookahead)}
 
 
 def sample_key(sample: Sample) -> str:

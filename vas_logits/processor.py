@@ -51,7 +51,11 @@ def attention_layout(value_model: ValueModel) -> tuple[tuple[str, ...], int | No
     Raises:
         ValueError: The backbone has layers the processor cannot mask (e.g. chunked or linear attention).
     """
-    config = value_model.backbone_config
+    return config_attention_layout(value_model.backbone_config)
+
+
+def config_attention_layout(config) -> tuple[tuple[str, ...], int | None]:
+    """attention_layout of a transformers config (a base model's too: lookahead.py masks its forward)."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:  # Mistral-style configs apply `sliding_window` to every layer
@@ -59,11 +63,11 @@ def attention_layout(value_model: ValueModel) -> tuple[tuple[str, ...], int | No
     unsupported = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
     if unsupported:
         raise ValueError(
-            f"The value model's backbone ({config.model_type}) has attention layer types {unsupported}; "
+            f"The model ({config.model_type}) has attention layer types {unsupported}; "
             f"the processor supports {SUPPORTED_LAYER_TYPES}"
         )
     if "sliding_attention" in layer_types and window is None:
-        raise ValueError(f"The value model's backbone ({config.model_type}) has sliding layers but no sliding_window")
+        raise ValueError(f"The model ({config.model_type}) has sliding layers but no sliding_window")
     return tuple(layer_types), window
 
 
