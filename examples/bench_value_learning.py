@@ -152,11 +152,18 @@ class ExactQ(LogitsProcessor):
     """
 
     def __init__(self, transition: torch.Tensor, task: Task, prompt_length: int, new_tokens: int, beta: float,
-                 top_k: int = 10, outside_top_k: str = "keep", soft: bool = False, immediate: bool = False):
+                 top_k: int = 10, outside_top_k: str = "keep", soft: bool = False, immediate: bool = False,
+                 lookahead: int = 0):
         self.task, self.prompt_length, self.new_tokens = task, prompt_length, new_tokens
         # immediate: Q is only the reward of the text so far, r(s∘a), the future dropped: ARGS-style decoding with
         # the exact reward, and all that exact prefix and candidate rewards can teach a value model
         self.immediate = immediate
+        # lookahead (with immediate): plus one base step, the expected reward of the next token over the base's
+        # top-`lookahead` (the others count as earning nothing): what lookahead labels (vas_logits/lookahead.py)
+        # can teach a value model
+        top = transition.topk(lookahead, dim=-1).indices if lookahead else None
+        self.next_transition = None if top is None else \
+            torch.zeros_like(transition).scatter(-1, top, transition.gather(-1, top))
         self.beta, self.top_k, self.outside_top_k = beta, top_k, outside_top_k
         # soft: Q is the soft value (1/beta) log E[exp(beta R) | s∘a] instead of E[R | s∘a]: then the closed form
         # is the token-level factorisation of the sequence-level optimum pi_ref(y) exp(beta R(y)) / Z
@@ -167,6 +174,8 @@ class ExactQ(LogitsProcessor):
             shift = values.max()  # log-sum-exp over y of P[x, y] exp(beta values[y]), stably
             return shift + (transition @ (beta * (values - shift)).exp()).log() / beta
 
+        if task.word_weights is not None and self.next_transition is not None:
+            self.next_step = self.next_transition @ task.word_weights  # (x,)
         if task.word_weights is not None:
             self.future = [torch.zeros(VOCAB_SIZE, dtype=torch.float64)]
             for _ in range(new_tokens):
@@ -177,6 +186,9 @@ class ExactQ(LogitsProcessor):
         self.is_setup[SETUP] = True
         self.is_payoff = torch.zeros(VOCAB_SIZE, dtype=torch.float64)
         self.is_payoff[PAYOFF] = 1.0
+        if self.next_transition is not None:  # (x, u): the next token's payoff once set up (u = 1)
+            self.next_step = torch.stack([torch.zeros(VOCAB_SIZE, dtype=torch.float64),
+                                          self.next_transition @ self.is_payoff], -1)
         self.future = [torch.zeros(VOCAB_SIZE, 2, dtype=torch.float64)]
         for _ in range(new_tokens):
             previous = self.future[-1]
@@ -192,13 +204,18 @@ class ExactQ(LogitsProcessor):
         remaining = self.new_tokens - t - 1  # tokens after the candidate
         if self.task.word_weights is not None:
             so_far = self.task.word_weights[completion].sum(-1, keepdim=True) if t else 0.0  # (B, 1)
-            future = 0.0 if self.immediate else self.future[remaining][candidates]
+            future = self._next_step(candidates, remaining) if self.immediate else self.future[remaining][candidates]
             return so_far + self.task.word_weights[candidates] + future
         so_far = torch.tensor(self.task.rewards(completion.tolist()), dtype=torch.float64)[:, None]  # (B, 1)
         set_up = self.is_setup[completion].any(-1, keepdim=True) if t else torch.zeros(len(completion), 1, dtype=bool)
         state = (set_up | self.is_setup[candidates]).long()  # (B, k) after the candidate
         earned = set_up.double() * self.is_payoff[candidates]  # the candidate's own reward
-        return so_far + earned + (0.0 if self.immediate else self.future[remaining][candidates, state])
+        return so_far + earned + (self._next_step((candidates, state), remaining) if self.immediate else
+                                  self.future[remaining][candidates, state])
+
+    def _next_step(self, index, remaining: int):
+        """With lookahead: the next token's expected reward at `index` (0 when the candidate is the last token)."""
+        return self.next_step[index] if self.next_transition is not None and remaining > 0 else 0.0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         top_k = min(self.top_k, scores.shape[-1])
@@ -288,6 +305,9 @@ def run_task(task: Task, args, base, tokenizer, transition, budget: int, fit_opt
     if getattr(args, "ceiling", False):  # the closed form's own limits: the soft value, and selection
         ceiling["soft"] = exact_sweep(soft=True)
         ceiling["best_of"] = best_of_n_curve(base, tokenizer, task, unseen, args)
+        ceiling["lookahead"] = exact_sweep(immediate=True, lookahead=4)  # what lookahead labels can teach
+        gain_ratios(ceiling["lookahead"], exact, base_point["reward"])
+        ceiling["lookahead_headline"] = headline(ceiling["lookahead"], args.min_kl)
         for name, points in (("exact", exact), ("soft", ceiling["soft"])):
             ceiling[f"{name}_vs_best_of"] = [dict(beta=p["beta"], kl=p["kl"],
                                                   ratio=ratio_below(p, ceiling["best_of"], base_point))
@@ -378,6 +398,10 @@ def markdown(results: list[dict], args, label: str) -> str:
             cells = [", ".join(f"{p['kl']:.2f}→{p['ratio']:.2f}" for p in result[f"{name}_vs_best_of"]
                                if not math.isnan(p["ratio"])) for name in ("exact", "soft")]
             lines.append(f"| {result['task']} | {bon} | {cells[0]} | {cells[1]} |")
+        lines += ["", "The exact reward so far plus one base step over its top-4 (what lookahead labels can teach, "
+                  "vas_logits/lookahead.py) against the exact Q: " + ", ".join(
+                      f"{result['task']} {result['lookahead_headline']['ratio']:.2f}" if result["lookahead_headline"]
+                      else f"{result['task']} never reaches the KL" for result in ceilings)]
     return "\n".join(lines) + "\n"
 
 

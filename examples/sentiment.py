@@ -33,6 +33,8 @@ def main():
                         help="default: fit()'s own, scaled to the value model's width")
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
     add_threads_option(parser)
+    parser.add_argument("--lookahead", action="store_true",
+                        help="train on lookahead labels (PrefixRewards(lookahead=True), vas_logits/lookahead.py)")
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -43,7 +45,7 @@ def main():
         model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment", num_layers=args.num_layers,
         head=args.head,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
-        learning_rate=args.learning_rate, retrain=args.retrain)
+        learning_rate=args.learning_rate, retrain=args.retrain, lookahead=args.lookahead)
     held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
     length = dict(max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()

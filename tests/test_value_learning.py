@@ -68,6 +68,28 @@ def test_the_immediate_q_is_the_reward_of_the_text_so_far(setting, task_name):
         assert not torch.allclose(full, torch.tensor(q, dtype=torch.float64))  # the future is not zero here
 
 
+@pytest.mark.parametrize("task_name", ["count", "lexicon", "temporal"])
+def test_the_lookahead_q_is_the_reward_one_base_step_on_over_its_top_k(setting, task_name):
+    """ExactQ(immediate=True, lookahead=4): r(s∘a) + sum over the base's top-4 next tokens b of P[a, b] ·
+    (r(s∘a∘b) − r(s∘a)), by enumeration; nothing follows the last token."""
+    base, tokenizer, transition, tasks = setting
+    task, new_tokens = tasks[task_name], 4
+    prompt = tokenizer(["w5 w60 w7 w33"], return_tensors="pt")["input_ids"]
+    candidates = torch.tensor([[11, 40, 95, 33]])
+    for prefix in ([], [32], [32, 41], [50, 31, 40]):
+        input_ids = torch.cat([prompt, torch.tensor([prefix], dtype=torch.long).view(1, -1)], dim=1)
+        processor = bench.ExactQ(transition, task, prompt.shape[1], new_tokens, beta=1.0, immediate=True,
+                                 lookahead=4)
+        q = processor.q_values(input_ids, candidates)[0].tolist()
+        for value, candidate in zip(q, candidates[0].tolist()):
+            reward = task.rewards([[*prefix, candidate]])[0]
+            expected = reward
+            if len(prefix) + 1 < new_tokens:
+                for b in transition[candidate].topk(4).indices.tolist():
+                    expected += float(transition[candidate, b]) * (task.rewards([[*prefix, candidate, b]])[0] - reward)
+            assert value == pytest.approx(expected, abs=1e-9)
+
+
 def test_the_base_is_context_free_and_every_completion_has_the_full_length(setting):
     base, tokenizer, transition, tasks = setting
     assert torch.allclose(transition.sum(-1), torch.ones(bench.VOCAB_SIZE, dtype=torch.float64))
