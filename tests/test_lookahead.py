@@ -91,6 +91,9 @@ def test_fit_trains_on_lookahead_labels_and_skips_them_where_sampling_is_not_the
         prefix_rewards=PrefixRewards(candidates=3, lookahead=True), **FIT)
     records = [json.loads(line) for line in (tmp_path / "run" / "lookahead-top3.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(len(row) == 3 for record in records for row in record["values"])
+    fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "run", overwrite_output_dir=True,
+        prefix_rewards=PrefixRewards(candidates=3), **FIT)
+    assert not (tmp_path / "run" / "lookahead-top3.jsonl").exists()  # overwriting removes them with the samples
     base.generation_config.update(repetition_penalty=1.3)
     fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "penalised",
         prefix_rewards=PrefixRewards(candidates=3, lookahead=True), **FIT)

@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from .candidate_rewards import distribution_changing_settings, score_candidates
 from .fit_config import DEFAULT_PREFIX_REWARDS, FitConfig
-from .lookahead import lookahead_file_name, score_lookahead
+from .lookahead import score_lookahead
 from .prefix_rewards import PrefixRewards, score_prefixes
-from .run_dir import (PREFIX_REWARDS_NAME, RunDirectory, candidates_file_name, round_file_name, sampling_fingerprint,
-                      siblings_file_name)
+from .run_dir import (PREFIX_REWARDS_NAME, RunDirectory, candidates_file_name, lookahead_file_name, round_file_name,
+                      sampling_fingerprint, siblings_file_name)
 from .samplers import make_sampler
 from .sampling import RewardFn, SampleStore
 from .rollin import RollInSampler

@@ -38,25 +38,14 @@ from .candidate_rewards import sampling_probabilities
 from .prefix_rewards import append_records, load_records, sample_key
 from .processor import config_attention_layout
 from .samplers import eval_mode
-from .sampling import RewardFn, Sample, check_rewards
+from .sampling import RewardFn, Sample, check_rewards, end_token_ids
 from .trainer import additive_masks, collate
 
 logger = logging.getLogger(__name__)
 
 
-def lookahead_file_name(top_k: int) -> str:
-    """The file of lookahead labels for this top_k (another top_k keeps its own file)."""
-    return f"lookahead-top{top_k}.jsonl"
-
-
 def _parse(record: dict) -> list[list[float]]:
     return [[float(value) for value in row] for row in record["values"]]
-
-
-def eos_token_ids(base_model) -> set[int]:
-    """The ids that end generation under the base's generation_config (none when it names none)."""
-    eos = getattr(base_model.generation_config, "eos_token_id", None)
-    return set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(token) for token in eos}
 
 
 def score_lookahead(
@@ -94,28 +83,27 @@ def score_lookahead(
     if missing:
         logger.info("Scoring one base step beyond every candidate of %d completions (%d stored)", len(missing),
                     len(stored))
-    final_tokens = eos_token_ids(base_model)
+    final_tokens = end_token_ids(base_model, tokenizer)
     layout = config_attention_layout(base_model.config)
     batches = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
     for number, batch in enumerate(tqdm(batches, desc="lookahead labels", unit="batch", disable=not progress)):
         next_ids, next_probs = _after_candidates(base_model, batch, pad_token_id, temperature, layout)
-        rows = []  # (sample, t, j, b): the continuation b of candidate j at state t, where one follows
+        rows = []  # (row, t, j, b, p(b)): the continuation b of candidate j at state t, where one follows
         for row, sample in enumerate(batch):
             for t, tokens in enumerate(sample.candidate_ids):
                 for j, token in enumerate(tokens):
                     if token not in final_tokens and t + 1 < max_new_tokens:
-                        rows += [(row, t, j, b) for b in next_ids[row][t][j]]
+                        rows += [(row, t, j, b, p) for b, p in zip(next_ids[row][t][j], next_probs[row][t][j])]
         texts = tokenizer.batch_decode([batch[row].completion_ids[:t] + [batch[row].candidate_ids[t][j], b]
-                                        for row, t, j, b in rows], skip_special_tokens=True)
+                                        for row, t, j, b, _ in rows], skip_special_tokens=True)
         try:
-            rewards = check_rewards(reward_fn([prompt_texts[batch[row].prompt_index] for row, _, _, _ in rows],
+            rewards = check_rewards(reward_fn([prompt_texts[batch[row].prompt_index] for row, *_ in rows],
                                               texts), len(rows), number) if rows else []
         except Exception as error:
             where = f"; the lookahead labels scored so far are kept in {path}" if path is not None else ""
             raise RuntimeError(f"reward_fn failed on lookahead prefixes (lookahead batch {number}){where}") from error
         values = [[list(row) for row in sample.candidate_rewards] for sample in batch]  # l = r where nothing follows
-        for (row, t, j, b), reward in zip(rows, rewards):
-            probability = next_probs[row][t][j][next_ids[row][t][j].index(b)]
+        for (row, t, j, _, probability), reward in zip(rows, rewards):
             values[row][t][j] += probability * (reward - batch[row].candidate_rewards[t][j])
         records = []
         for sample, sample_values in zip(batch, values):

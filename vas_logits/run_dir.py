@@ -42,6 +42,11 @@ def candidates_file_name(top_k: int) -> str:
     return f"candidate-rewards-top{top_k}.jsonl"
 
 
+def lookahead_file_name(top_k: int) -> str:
+    """The file of lookahead labels (lookahead.py) for this top_k (another top_k keeps its own file)."""
+    return f"lookahead-top{top_k}.jsonl"
+
+
 def siblings_file_name(siblings: int, top_k: int) -> str:
     """The file for sibling rollouts of these settings (other settings keep their own file)."""
     return f"siblings-{siblings}-top{top_k}.jsonl"
@@ -54,7 +59,8 @@ def round_file_name(round_index: int, siblings: int, top_k: int, beta: float) ->
 
 # The reward's other scores (the files above) are keyed by the tokens they score, not by the reward: starting
 # over (a new reward, say, on the same seeded samples) must delete them with the samples, or the old labels return.
-SCORED_RECORDS = (PREFIX_REWARDS_NAME, candidates_file_name("*"), siblings_file_name("*", "*"), "round-*.jsonl")
+SCORED_RECORDS = (PREFIX_REWARDS_NAME, candidates_file_name("*"), lookahead_file_name("*"),
+                  siblings_file_name("*", "*"), "round-*.jsonl")
 # Tokenised to fingerprint a tokenizer by what it does: words, digits, accents, emoji, whitespace, a chat marker.
 PROBE_TEXT = "The movie was GREAT, 10/10!  Café naïve 😀\n\t<|im_start|>user end"
 
