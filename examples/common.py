@@ -106,10 +106,12 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
                   learning_rate: float | None = None, sampling_batch_size: int = 64,
                   retrain: bool = False, lookahead: bool = False) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
-    training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-lookahead] (the suffixes
-    when not the defaults: scalar, 4 samples per prompt, no lookahead labels; a second call just loads it)."""
+    training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-lookahead] (the
+    suffixes when not the defaults: scalar, 4 samples per prompt, 3 epochs, no lookahead labels; a second call just loads
+    it)."""
     output_dir = CACHE / (f"{name}-{num_layers}layers" + ("" if head == "scalar" else f"-{head}")
                           + ("" if samples_per_prompt == 4 else f"-{samples_per_prompt}spp")
+                          + ("" if epochs == 3 else f"-{epochs}epochs")
                           + ("-lookahead" if lookahead else ""))
     saved = output_dir / "value_model"
     if (saved / "model.safetensors").exists() and not retrain:
