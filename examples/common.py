@@ -102,17 +102,17 @@ def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0
 
 def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, num_layers: int = 4,
                   head: str = "scalar",
-                  samples_per_prompt: int = 4, max_new_tokens: int = 24, epochs: int = 3,
+                  samples_per_prompt: int = 4, max_new_tokens: int = 24, epochs: int = 5,
                   learning_rate: float | None = None, sampling_batch_size: int = 64,
-                  retrain: bool = False, lookahead: bool = False) -> ValueModel:
+                  retrain: bool = False, lookahead: bool = True) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
-    training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-lookahead] (the
-    suffixes when not the defaults: scalar, 4 samples per prompt, 3 epochs, no lookahead labels; a second call just loads
-    it)."""
+    training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-no-lookahead]
+    (the suffixes when not fit()'s defaults: scalar, 4 samples per prompt, 5 epochs, lookahead labels; a second call
+    just loads it)."""
     output_dir = CACHE / (f"{name}-{num_layers}layers" + ("" if head == "scalar" else f"-{head}")
                           + ("" if samples_per_prompt == 4 else f"-{samples_per_prompt}spp")
-                          + ("" if epochs == 3 else f"-{epochs}epochs")
-                          + ("-lookahead" if lookahead else ""))
+                          + ("" if epochs == 5 else f"-{epochs}epochs")
+                          + ("" if lookahead else "-no-lookahead"))
     saved = output_dir / "value_model"
     if (saved / "model.safetensors").exists() and not retrain:
         print(f"Using the value model trained earlier: {saved} (--retrain to train again)")
@@ -124,7 +124,7 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
         samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, batch_size=16,
         sampling_batch_size=sampling_batch_size, learning_rate=learning_rate, output_dir=output_dir,
         reward_name=reward_name, overwrite_output_dir=retrain,
-        **({"prefix_rewards": PrefixRewards(lookahead=True)} if lookahead else {}),
+        **({} if lookahead else {"prefix_rewards": PrefixRewards(lookahead=False)}),
     )
     print(f"Trained the value model in {time.perf_counter() - start:.0f} s; saved to {saved}")
     return value_model

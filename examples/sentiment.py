@@ -28,13 +28,13 @@ def main():
     parser.add_argument("--head", choices=["scalar", "distributional", "token"], default="scalar")
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="default: fit()'s own, scaled to the value model's width")
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
     add_threads_option(parser)
-    parser.add_argument("--lookahead", action="store_true",
-                        help="train on lookahead labels (PrefixRewards(lookahead=True), vas_logits/lookahead.py)")
+    parser.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                        help="train without lookahead labels (PrefixRewards(lookahead=False); before round 20's default)")
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -2,6 +2,7 @@
 of plain forwards; stored and resumed; refused where the sampling distribution is unknown; trained by fit()."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -85,6 +86,7 @@ def test_lookahead_labels_are_stored_and_reused(tmp_path):
 
 
 def test_fit_trains_on_lookahead_labels_and_skips_them_where_sampling_is_not_the_bases(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vas_logits")
     tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
     prompts = ["w5 w6", "w7 w8"]
     fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "run",
@@ -92,7 +94,7 @@ def test_fit_trains_on_lookahead_labels_and_skips_them_where_sampling_is_not_the
     records = [json.loads(line) for line in (tmp_path / "run" / "lookahead-top3.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(len(row) == 3 for record in records for row in record["values"])
     fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "run", overwrite_output_dir=True,
-        prefix_rewards=PrefixRewards(candidates=3), **FIT)
+        prefix_rewards=PrefixRewards(candidates=3, lookahead=False), **FIT)
     assert not (tmp_path / "run" / "lookahead-top3.jsonl").exists()  # overwriting removes them with the samples
     base.generation_config.update(repetition_penalty=1.3)
     fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "penalised",
@@ -102,10 +104,23 @@ def test_fit_trains_on_lookahead_labels_and_skips_them_where_sampling_is_not_the
 
 
 @pytest.mark.parametrize("options, named", [
-    (dict(candidates=0, lookahead=True), "lookahead"),
     (dict(lookahead="yes"), "lookahead"),
     (dict(lookahead=1), "lookahead"),
 ])
 def test_bad_lookahead_is_refused_by_name(options, named):
     with pytest.raises(ValueError, match=f"`{named}`"):
         PrefixRewards(**options)
+
+
+def test_fit_defaults_to_lookahead_labels_and_candidates_0_turns_them_off(tmp_path):
+    """Lookahead labels are fit()'s default (round 20); without candidates there is nothing to look ahead
+    with, so PrefixRewards(candidates=0) neither scores them nor records them in its settings."""
+    tokenizer, base = word_tokenizer(), tiny_causal_lm("llama")
+    prompts = ["w5 w6", "w7 w8"]
+    fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "default", **FIT)
+    assert (tmp_path / "default" / "lookahead-top4.jsonl").exists()
+    assert PrefixRewards().settings()["prefix_lookahead"] is True
+    assert "prefix_lookahead" not in PrefixRewards(candidates=0).settings()
+    fit(base, tokenizer, prompts, count_good_words, output_dir=tmp_path / "no-candidates",
+        prefix_rewards=PrefixRewards(candidates=0), **FIT)
+    assert not list((tmp_path / "no-candidates").glob("lookahead-*.jsonl"))

@@ -121,24 +121,26 @@ def small_yardstick(task_name, budget=1.0, prompts=128, fit_betas=(1, 2, 4)):
 
 @pytest.mark.parametrize("task_name", ["count", "lexicon"])
 def test_fit_at_its_defaults_captures_most_of_the_exact_gain(task_name):
-    """fit() with no tuned options on 512 samples: measured 0.92 (count) and 0.95 (lexicon) of the exact-Q
-    gain at equal KL (1.2-4.7 nats); with the old fixed learning rate of 5e-5, KL stays below 0.1 nats."""
+    """fit() with no tuned options on 512 samples: measured 0.96 (count) and 0.97 (lexicon) of the exact-Q
+    gain at equal KL (0.5-4.6 nats; round 20's defaults, 0.92 and 0.95 before); with the old fixed learning rate
+    of 5e-5, KL stays below 0.1 nats."""
     torch.set_num_threads(1)
     result = small_yardstick(task_name)
     best = result["headline"]
     assert best is not None, result["fitted"]  # some beta <= 4 moves the policy at least 0.5 nats
-    assert best["ratio"] >= 0.7, best
+    assert best["ratio"] >= 0.8, best
 
 
 def test_fit_at_its_defaults_learns_credit_across_time():
     """The temporal task (a payoff word scores only after a setup word) on fit()'s default 1,024 samples:
-    measured 0.73 of the exact-Q gain (0.68-0.73 over β = 2-8); at round 11's learning rate (0.03 / width)
-    0.44, so a change that slows value learning fails here."""
+    measured 0.76 of the exact-Q gain at round 20's defaults (lookahead labels, 5 epochs; 0.62-0.76 over β = 1-8;
+    0.73 before, and over the full yardstick's ten seeds 0.82 against 0.64); at round 11's learning rate
+    (0.03 / width) 0.44, so a change that slows value learning fails here."""
     torch.set_num_threads(1)
     result = small_yardstick("temporal", prompts=256, fit_betas=(1, 2, 4, 8))
     best = result["headline"]
     assert best is not None, result["fitted"]
-    assert best["ratio"] >= 0.55, best
+    assert best["ratio"] >= 0.62, best
 
 
 def test_best_of_n_is_the_mean_best_of_every_subset(setting):

@@ -178,8 +178,8 @@ def fit(
                    **(config.generation_kwargs or {})}
         candidate_temperature = None if changes else config.temperature
         if changes and prefix_rewards.lookahead:
-            logger.warning("No lookahead labels: %s change the base's sampling distribution, so p(b | x) is not "
-                           "known", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+            logger.info("No lookahead labels: %s change the base's sampling distribution, so p(b | x) is not "
+                        "known", ", ".join(f"{k}={v!r}" for k, v in changes.items()))
         if changes and prefix_rewards.control_variates:
             logger.info("No control variates: %s change the base's sampling distribution, so the candidates' "
                         "sampling probabilities are not known", ", ".join(f"{k}={v!r}" for k, v in changes.items()))

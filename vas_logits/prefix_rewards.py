@@ -60,10 +60,12 @@ class PrefixRewards:
         "with candidates: correct the returns that train u by the candidates' rewards, sum over the top-N of "
         "(p(a|s) − [a drawn]) · (r(s∘a) − r(s)) at every later state, which has mean zero under the base and "
         "removes the noise of which of them was drawn (targets.control_variates)")})
-    lookahead: bool = field(default=False, metadata={"help": (
+    lookahead: bool = field(default=True, metadata={"help": (
         "with candidates: replace every label of the prefix head by its expectation one base step further, "
         "r(x) + sum over the base's top-N next tokens b of p(b|x) · (r(x∘b) − r(x)) (lookahead.py: one more base "
-        "forward and N² · T more reward calls per sample), so phi also learns what a token sets up")})
+        "forward and N² · T more reward calls per sample), so phi also learns what a token sets up (the default "
+        "since round 20: 0.82 of the exact gain on the yardstick's temporal task against 0.68 without, a tie on the "
+        "sentiment benchmark; False for a costly reward_fn)")})
 
     def __post_init__(self):
         for name in ("weight", "increment_weight"):
@@ -76,15 +78,12 @@ class PrefixRewards:
         for name in ("control_variates", "lookahead"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
-        if self.lookahead and not self.candidates:
-            raise ValueError("`lookahead` needs the candidates' rewards and probabilities: set `candidates` > 0 "
-                             f"(got candidates={self.candidates!r})")
         if self.weight == 0 and self.increment_weight == 0:
             raise ValueError("`weight` and `increment_weight` are both 0: pass prefix_rewards=None to fit() instead")
 
     def settings(self) -> dict:
         """What a checkpoint records of them (candidates only when used: older checkpoints resume unchanged)."""
-        with_candidates = ("candidates", "control_variates")
+        with_candidates = ("candidates", "control_variates", "lookahead")
         return {f"prefix_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
                 if (f.name not in with_candidates or self.candidates) and (f.name != "lookahead" or self.lookahead)}
 
