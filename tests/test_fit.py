@@ -359,7 +359,8 @@ def test_an_interrupt_at_any_point_of_the_checkpoint_swap_resumes(tmp_path, monk
     for (key, tensor), (_, other) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(tensor, other, atol=1e-6), key
     assert sorted(path.name for path in (tmp_path / "b").iterdir()) == [
-        "candidate-rewards-top4.jsonl", "prefix-rewards.jsonl", "samples.jsonl", "sampling.json", "value_model"]
+        "candidate-rewards-top4.jsonl", "lookahead-top4.jsonl", "prefix-rewards.jsonl", "samples.jsonl",
+        "sampling.json", "value_model"]
 
 
 def test_an_unwritable_output_dir_fails_before_sampling(tmp_path):
