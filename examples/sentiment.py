@@ -34,7 +34,7 @@ def main():
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
     add_threads_option(parser)
     parser.add_argument("--no-lookahead", dest="lookahead", action="store_false",
-                        help="train without lookahead labels (PrefixRewards(lookahead=False); before round 20's default)")
+                        help="train without lookahead labels (PrefixRewards(lookahead=False), as before round 20)")
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
