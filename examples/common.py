@@ -15,7 +15,7 @@ import torch
 from llama_server import smollm2_gguf
 from tqdm.auto import tqdm
 
-from vas_logits import PrefixRewards, ValueModel, fit
+from vas_logits import FitConfig, PrefixRewards, ValueModel, fit
 
 EXAMPLES = Path(__file__).resolve().parent
 CACHE = EXAMPLES / ".cache"
@@ -100,19 +100,24 @@ def sample(model, tokenizer, prompts, processors=None, max_new_tokens=24, seed=0
     return completions
 
 
+FIT_DEFAULTS = FitConfig()
+
+
 def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, num_layers: int = 4,
                   head: str = "scalar",
-                  samples_per_prompt: int = 4, max_new_tokens: int = 24, epochs: int = 5,
+                  samples_per_prompt: int = FIT_DEFAULTS.samples_per_prompt, max_new_tokens: int = 24,
+                  epochs: int = FIT_DEFAULTS.epochs,
                   learning_rate: float | None = None, sampling_batch_size: int = 64,
-                  retrain: bool = False, lookahead: bool = True) -> ValueModel:
+                  retrain: bool = False, lookahead: bool = PrefixRewards().lookahead) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
     training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-no-lookahead]
-    (the suffixes when not fit()'s defaults: scalar, 4 samples per prompt, 5 epochs, lookahead labels; a second call
-    just loads it)."""
-    output_dir = CACHE / (f"{name}-{num_layers}layers" + ("" if head == "scalar" else f"-{head}")
-                          + ("" if samples_per_prompt == 4 else f"-{samples_per_prompt}spp")
-                          + ("" if epochs == 5 else f"-{epochs}epochs")
-                          + ("" if lookahead else "-no-lookahead"))
+    (the suffixes when not fit()'s defaults: a scalar head, FitConfig's samples per prompt and epochs, lookahead
+    labels; a second call just loads it)."""
+    suffixes = [f"-{head}" if head != "scalar" else "",
+                f"-{samples_per_prompt}spp" if samples_per_prompt != FIT_DEFAULTS.samples_per_prompt else "",
+                f"-{epochs}epochs" if epochs != FIT_DEFAULTS.epochs else "",
+                "" if lookahead else "-no-lookahead"]
+    output_dir = CACHE / (f"{name}-{num_layers}layers" + "".join(suffixes))
     saved = output_dir / "value_model"
     if (saved / "model.safetensors").exists() and not retrain:
         print(f"Using the value model trained earlier: {saved} (--retrain to train again)")

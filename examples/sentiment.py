@@ -14,8 +14,8 @@ import argparse
 import logging
 import time
 
-from common import (NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_error, movie_prompts, sample,
-                    train_or_load, use_threads, vader_reward)
+from common import (FIT_DEFAULTS, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_error, movie_prompts,
+                    sample, train_or_load, use_threads, vader_reward)
 
 from vas_logits import VAS
 
@@ -26,9 +26,9 @@ def main():
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--head", choices=["scalar", "distributional", "token"], default="scalar")
-    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--samples-per-prompt", type=int, default=FIT_DEFAULTS.samples_per_prompt)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=FIT_DEFAULTS.epochs)
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="default: fit()'s own, scaled to the value model's width")
     parser.add_argument("--show", type=int, default=4, help="how many held-out examples to print")
