@@ -17,6 +17,10 @@ train on), 24 new tokens, plain sampling at T=1, and is scored by the same rewar
     ARGS      the reward itself scores the decoded text of every top-k candidate at every token,
               pi(a|s) ∝ pi_ref(a|s) exp(w r(s∘a)) over the top k: VAS with Q replaced by r of the partial
               text (Khanov et al., 2024, sampled instead of greedy). Cheap here only because VADER is a lexicon.
+              Each VAS row sampled in the same run as ARGS gets "− ARGS at equal KL": its reward minus ARGS's
+              curve (interpolated linearly in KL between the two weights that bracket the row's KL), with a
+              paired bootstrap s.e. over the prompts. The prompts' own spread cancels there, the sampling noise
+              does not: --samples-per-prompt 16 halves that s.e. against the default 4.
 
 Cost, relative to base sampling: base-model forward tokens; compute (forward tokens × matmul parameters,
 base and value model together); and measured wall time (for BoN: N × the wall time of one base sample per
@@ -61,7 +65,8 @@ class Result:
     wall: float  # seconds, relative to base sampling
     kl_kind: str = "measured"
     gain_ratio: float | None = None  # (reward - base) / (Best-of-N at the same KL - base)
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # kl_se; per_prompt_reward and per_prompt_kl, (P,) each
+    vs_args: list[float] | None = None  # [reward − ARGS's at the same KL, its paired bootstrap s.e.]
 
 
 @dataclass
@@ -159,6 +164,42 @@ def gain_ratio(reward: float, kl: float, curve: list[tuple[float, float]]) -> fl
     return None
 
 
+def difference_at_equal_kl(row: Result, reference: list[Result], draws: int = 2000,
+                           seed: int = 0) -> list[float] | None:
+    """[mean, s.e.] of `row`'s reward minus the `reference` curve's reward at `row`'s KL, paired over prompts.
+
+    The reference curve (e.g. ARGS's weights) is interpolated linearly in KL between its two rows that bracket
+    `row`'s KL. Every row must carry per-prompt rewards and KLs of the same prompts (`extra`, (P,) each): the s.e.
+    comes from resampling the prompts together for every row (a paired bootstrap), so the between-prompt spread,
+    which both methods share, cancels, and the KLs' own noise moves the interpolation point as it should. None where
+    no two reference rows bracket the KL, or a row lacks per-prompt figures (rows loaded from an older JSON)."""
+    rows = [row, *reference]
+    if len(reference) < 2 or any("per_prompt_reward" not in r.extra or "per_prompt_kl" not in r.extra for r in rows):
+        return None
+    rewards = torch.tensor([r.extra["per_prompt_reward"] for r in rows], dtype=torch.float64)  # (1 + R, P)
+    kls = torch.tensor([r.extra["per_prompt_kl"] for r in rows], dtype=torch.float64)  # (1 + R, P)
+    if len(set(rewards.shape[1:])) != 1 or rewards.shape != kls.shape:
+        raise ValueError(f"rows of {row.method} {row.setting} and its reference cover different prompts")
+
+    def difference(reward: torch.Tensor, kl: torch.Tensor) -> float | None:  # (1 + R,) means over prompts
+        order = kl[1:].argsort()
+        curve_kl, curve_reward = kl[1:][order], reward[1:][order]
+        if not curve_kl[0] <= kl[0] <= curve_kl[-1]:
+            return None
+        high = int(torch.searchsorted(curve_kl, kl[0]).clamp(1, len(curve_kl) - 1))
+        share = (kl[0] - curve_kl[high - 1]) / (curve_kl[high] - curve_kl[high - 1])
+        return float(reward[0] - (curve_reward[high - 1] + share * (curve_reward[high] - curve_reward[high - 1])))
+
+    estimate = difference(rewards.mean(-1), kls.mean(-1))
+    if estimate is None:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    draws_made = [difference(rewards[:, picked].mean(-1), kls[:, picked].mean(-1))
+                  for picked in torch.randint(rewards.shape[1], (draws, rewards.shape[1]), generator=generator)]
+    draws_made = torch.tensor([d for d in draws_made if d is not None], dtype=torch.float64)
+    return [estimate, float(draws_made.std())] if len(draws_made) > draws // 2 else [estimate, math.nan]
+
+
 def matmul_parameters(module: torch.nn.Module) -> int:
     """Parameters that cost 2 FLOPs per token (every Linear, tied LM head included; embeddings are lookups)."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
@@ -201,13 +242,14 @@ def write_plot(results: list[Result], path: Path, title: str) -> None:
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| method | mean reward ± s.e. | KL (nats) | gain ratio at equal KL | base forward tokens | compute "
-             "| wall time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | mean reward ± s.e. | KL (nats) | gain ratio at equal KL | − ARGS at equal KL (paired s.e.) "
+             "| base forward tokens | compute | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         kl = f"≤ {r.kl:.2f}" if r.kl_kind == "formula" and r.kl > 0 else f"{r.kl:.2f}"
         gain = "" if r.gain_ratio is None else f"{r.gain_ratio:.2f}"
-        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} | {gain} "
+        versus = "" if r.vs_args is None else "{:+.3f} ± {:.3f}".format(*r.vs_args)
+        lines.append(f"| {r.method} {r.setting} | {r.reward:+.3f} ± {r.reward_se:.3f} | {kl} | {gain} | {versus} "
                      f"| {r.forward_tokens:.1f}× "
                      f"| {r.compute:.2f}× | {r.wall:.2f}× |")
     return "\n".join(lines)
@@ -273,7 +315,8 @@ def main():
     sweeps = {name: [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 and args.masked_betas else [])
               for index, name in enumerate(value_models)}  # (outside_top_k, betas) per value model
     stored = load_baselines(args.baselines, names=[vas_group(name, outside, args.top_k)
-                                                   for name in value_models for outside, _ in sweeps[name]])
+                                                   for name in value_models for outside, _ in sweeps[name]]
+                            + (["ARGS"] if args.args_weights else []))
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
     base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
@@ -299,7 +342,9 @@ def main():
         result = Result(group, setting, reward, se, kl, base_tokens / per_sample["tokens"],
                         compute, run.seconds / per_prompt / per_sample["seconds"],
                         gain_ratio=gain_ratio(reward, kl, curve),
-                        extra=dict(kl_se=(run.log_ratio.std() / len(run.log_ratio) ** 0.5).item()))
+                        extra=dict(kl_se=(run.log_ratio.std() / len(run.log_ratio) ** 0.5).item(),
+                                   per_prompt_reward=rewards.mean(-1).tolist(),
+                                   per_prompt_kl=run.log_ratio.view(len(prompts), per_prompt).mean(-1).tolist()))
         results.append(result)
         gain = "" if result.gain_ratio is None else f", gain ratio {result.gain_ratio:.2f}"
         print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}{gain}, wall {result.wall:.2f}×",
@@ -321,6 +366,10 @@ def main():
                          lambda: [ArgsStyle(tokenizer, vader_reward, weight, args.top_k)], args)
         record("ARGS", f"w={weight:g}", run, args.samples_per_prompt)
 
+    args_rows = [r for r in results if r.method == "ARGS"]
+    for r in results:  # VAS against ARGS at equal KL, where this run sampled both on the same prompts
+        if r.method.startswith("VAS") and r.vs_args is None:
+            r.vs_args = difference_at_equal_kl(r, args_rows)
     sizes = ", ".join(f"{name} {params / 1e6:.0f}M" for name, params in value_params.items())
     title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
              f"T=1, k={args.top_k}; value models' matmul params: {sizes}")

@@ -77,6 +77,33 @@ def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
         bench_quality.load_baselines(tmp_path / "broken.json", names=[])
 
 
+def _row(method, setting, per_prompt_reward, per_prompt_kl):
+    reward, kl = per_prompt_reward.mean().item(), per_prompt_kl.mean().item()
+    return bench_quality.Result(method, setting, reward, 0.0, kl, 1.0, 1.0, 1.0, extra=dict(
+        per_prompt_reward=per_prompt_reward.tolist(), per_prompt_kl=per_prompt_kl.tolist()))
+
+
+def test_difference_to_args_at_equal_kl_interpolates_the_curve_and_pairs_the_prompts():
+    generator = torch.Generator().manual_seed(0)
+    prompts = 64
+    prompt_level = torch.randn(prompts, generator=generator, dtype=torch.float64)  # shared by every method
+    kl = torch.full((prompts,), 1.0, dtype=torch.float64)
+    noise = lambda: 0.05 * torch.randn(prompts, generator=generator, dtype=torch.float64)  # noqa: E731
+    # ARGS's curve: reward = level + 0.2 · KL at KL 0.5 and 2; the method sits 0.1 above it at KL 1.5.
+    reference = [_row("ARGS", "w=2", prompt_level + 0.1 + noise(), 0.5 * kl),
+                 _row("ARGS", "w=8", prompt_level + 0.4 + noise(), 2.0 * kl)]
+    row = _row("VAS x", "β=2", prompt_level + 0.3 + 0.1 + noise(), 1.5 * kl)
+    estimate, error = bench_quality.difference_at_equal_kl(row, reference)
+    expected = row.reward - (reference[0].reward + (1.5 - 0.5) / 1.5 * (reference[1].reward - reference[0].reward))
+    assert estimate == pytest.approx(expected)
+    assert estimate == pytest.approx(0.1, abs=0.03)
+    # Paired: the prompts' own spread (std 1) cancels; unpaired errors would be about 1 / sqrt(64) = 0.125.
+    assert error < 0.02
+    assert bench_quality.difference_at_equal_kl(_row("VAS x", "β=9", prompt_level, 3.0 * kl), reference) is None
+    older = bench_quality.Result("ARGS", "w=4", 0.2, 0.0, 1.0, 1.0, 1.0, 1.0)  # from a JSON before per-prompt figures
+    assert bench_quality.difference_at_equal_kl(row, [reference[0], older]) is None
+
+
 def _future_part_records(q, r, probs, noise_std, rollouts, generator):
     """bench_future_part records: candidates' returns drawn as Q + Gaussian noise."""
     returns = q[..., None] + noise_std * torch.randn(*q.shape, rollouts, generator=generator, dtype=torch.float64)
