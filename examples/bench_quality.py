@@ -19,8 +19,8 @@ train on), 24 new tokens, plain sampling at T=1, and is scored by the same rewar
               text (Khanov et al., 2024, sampled instead of greedy). Cheap here only because VADER is a lexicon.
               Each VAS row sampled in the same run as ARGS gets "− ARGS at equal KL": its reward minus ARGS's
               curve (interpolated linearly in KL between the two weights that bracket the row's KL), with a
-              paired bootstrap s.e. over the prompts. The prompts' own spread cancels there, the sampling noise
-              does not: --samples-per-prompt 16 halves that s.e. against the default 4.
+              paired bootstrap s.e. over the prompts. The prompts' own spread cancels there; the sampling noise
+              falls as 1 / sqrt(--samples-per-prompt) (16 samples: about ±0.01 on this benchmark).
 
 Cost, relative to base sampling: base-model forward tokens; compute (forward tokens × matmul parameters,
 base and value model together); and measured wall time (for BoN: N × the wall time of one base sample per
@@ -176,10 +176,10 @@ def difference_at_equal_kl(row: Result, reference: list[Result], draws: int = 20
     rows = [row, *reference]
     if len(reference) < 2 or any("per_prompt_reward" not in r.extra or "per_prompt_kl" not in r.extra for r in rows):
         return None
+    if len({len(r.extra[key]) for r in rows for key in ("per_prompt_reward", "per_prompt_kl")}) != 1:
+        raise ValueError(f"{row.method} {row.setting} and its reference rows cover different numbers of prompts")
     rewards = torch.tensor([r.extra["per_prompt_reward"] for r in rows], dtype=torch.float64)  # (1 + R, P)
     kls = torch.tensor([r.extra["per_prompt_kl"] for r in rows], dtype=torch.float64)  # (1 + R, P)
-    if len(set(rewards.shape[1:])) != 1 or rewards.shape != kls.shape:
-        raise ValueError(f"rows of {row.method} {row.setting} and its reference cover different prompts")
 
     def difference(reward: torch.Tensor, kl: torch.Tensor) -> float | None:  # (1 + R,) means over prompts
         order = kl[1:].argsort()

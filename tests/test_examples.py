@@ -102,6 +102,8 @@ def test_difference_to_args_at_equal_kl_interpolates_the_curve_and_pairs_the_pro
     assert bench_quality.difference_at_equal_kl(_row("VAS x", "β=9", prompt_level, 3.0 * kl), reference) is None
     older = bench_quality.Result("ARGS", "w=4", 0.2, 0.0, 1.0, 1.0, 1.0, 1.0)  # from a JSON before per-prompt figures
     assert bench_quality.difference_at_equal_kl(row, [reference[0], older]) is None
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        bench_quality.difference_at_equal_kl(_row("VAS x", "β=2", prompt_level[:32], kl[:32]), reference)
 
 
 def _future_part_records(q, r, probs, noise_std, rollouts, generator):
