@@ -153,15 +153,19 @@ def best_of_n_curve(results: list[dict]) -> list[tuple[float, float]]:
     return sorted((r["kl"], r["reward"]) for r in rows if r["method"] == "Best-of-N")
 
 
+def reward_at_kl(curve: list[tuple[float, float]], kl: float) -> float | None:
+    """The reward of a (KL, reward) curve sorted by KL, linearly interpolated at `kl`; None outside the curve."""
+    for (kl_low, reward_low), (kl_high, reward_high) in zip(curve, curve[1:]):
+        if kl_low <= kl <= kl_high:
+            return reward_low + (reward_high - reward_low) * (kl - kl_low) / (kl_high - kl_low)
+    return None
+
+
 def gain_ratio(reward: float, kl: float, curve: list[tuple[float, float]]) -> float | None:
     """(reward − base) / (Best-of-N's reward at the same KL − base), Best-of-N linearly interpolated in KL
     between its measured N; None beyond the largest N (no Best-of-N to compare with) or at KL 0."""
-    base = curve[0][1]
-    for (kl_low, reward_low), (kl_high, reward_high) in zip(curve, curve[1:]):
-        if kl_low <= kl <= kl_high:
-            best_of = reward_low + (reward_high - reward_low) * (kl - kl_low) / (kl_high - kl_low)
-            return (reward - base) / (best_of - base) if best_of > base else None
-    return None
+    base, best_of = curve[0][1], reward_at_kl(curve, kl)
+    return (reward - base) / (best_of - base) if best_of is not None and best_of > base else None
 
 
 def difference_at_equal_kl(row: Result, reference: list[Result], draws: int = 2000,
@@ -182,13 +186,8 @@ def difference_at_equal_kl(row: Result, reference: list[Result], draws: int = 20
     kls = torch.tensor([r.extra["per_prompt_kl"] for r in rows], dtype=torch.float64)  # (1 + R, P)
 
     def difference(reward: torch.Tensor, kl: torch.Tensor) -> float | None:  # (1 + R,) means over prompts
-        order = kl[1:].argsort()
-        curve_kl, curve_reward = kl[1:][order], reward[1:][order]
-        if not curve_kl[0] <= kl[0] <= curve_kl[-1]:
-            return None
-        high = int(torch.searchsorted(curve_kl, kl[0]).clamp(1, len(curve_kl) - 1))
-        share = (kl[0] - curve_kl[high - 1]) / (curve_kl[high] - curve_kl[high - 1])
-        return float(reward[0] - (curve_reward[high - 1] + share * (curve_reward[high] - curve_reward[high - 1])))
+        at = reward_at_kl(sorted(zip(kl[1:].tolist(), reward[1:].tolist())), kl[0].item())
+        return None if at is None else reward[0].item() - at
 
     estimate = difference(rewards.mean(-1), kls.mean(-1))
     if estimate is None:
