@@ -356,8 +356,10 @@ def main():
                 args.desc = f"{group} β={beta:g}"
                 run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
                                  lambda: [VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k=outside)], args)
-                # The value model forwards each real prompt token once, then 1 new token + k candidates per step.
-                value_tokens = run.prompt_tokens + run.slots * (1 + args.top_k)
+                # The value model forwards each real prompt token once, then per step the new token and (a V(s∘a)
+                # head) the k candidates; a token head values them all from the one new position.
+                per_step = 1 if value_model.token_head else 1 + args.top_k
+                value_tokens = run.prompt_tokens + run.slots * per_step
                 record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens, value_params[name])
     for weight in args.args_weights:
         args.desc = f"ARGS w={weight:g}"

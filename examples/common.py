@@ -108,14 +108,16 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
                   samples_per_prompt: int = FIT_DEFAULTS.samples_per_prompt, max_new_tokens: int = 24,
                   epochs: int = FIT_DEFAULTS.epochs,
                   learning_rate: float | None = None, sampling_batch_size: int = 64,
-                  retrain: bool = False, lookahead: bool = PrefixRewards().lookahead) -> ValueModel:
+                  retrain: bool = False, lookahead: bool = PrefixRewards().lookahead,
+                  candidates: int = PrefixRewards().candidates) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
-    training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-no-lookahead]
-    (the suffixes when not fit()'s defaults: a scalar head, FitConfig's samples per prompt and epochs, lookahead
-    labels; a second call just loads it)."""
+    training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-top<n>]
+    [-no-lookahead] (the suffixes when not fit()'s defaults: a scalar head, FitConfig's samples per prompt and epochs,
+    PrefixRewards' candidates and lookahead labels; a second call just loads it)."""
     suffixes = [f"-{head}" if head != "scalar" else "",
                 f"-{samples_per_prompt}spp" if samples_per_prompt != FIT_DEFAULTS.samples_per_prompt else "",
                 f"-{epochs}epochs" if epochs != FIT_DEFAULTS.epochs else "",
+                f"-top{candidates}" if candidates != PrefixRewards().candidates else "",
                 "" if lookahead else "-no-lookahead"]
     output_dir = CACHE / (f"{name}-{num_layers}layers" + "".join(suffixes))
     saved = output_dir / "value_model"
@@ -129,7 +131,8 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
         samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, batch_size=16,
         sampling_batch_size=sampling_batch_size, learning_rate=learning_rate, output_dir=output_dir,
         reward_name=reward_name, overwrite_output_dir=retrain,
-        **({} if lookahead else {"prefix_rewards": PrefixRewards(lookahead=False)}),
+        **({} if lookahead and candidates == PrefixRewards().candidates else
+           {"prefix_rewards": PrefixRewards(candidates=candidates, lookahead=lookahead)}),
     )
     print(f"Trained the value model in {time.perf_counter() - start:.0f} s; saved to {saved}")
     return value_model

@@ -17,7 +17,7 @@ import time
 from common import (FIT_DEFAULTS, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_error, movie_prompts,
                     sample, train_or_load, use_threads, vader_reward)
 
-from vas_logits import VAS
+from vas_logits import VAS, PrefixRewards
 
 
 def main():
@@ -35,6 +35,8 @@ def main():
     add_threads_option(parser)
     parser.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                         help="train without lookahead labels (PrefixRewards(lookahead=False), as before round 20)")
+    parser.add_argument("--candidates", type=int, default=PrefixRewards().candidates,
+                        help="the base's top-N next tokens scored at every state (PrefixRewards(candidates=N))")
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -45,7 +47,7 @@ def main():
         model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment", num_layers=args.num_layers,
         head=args.head,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
-        learning_rate=args.learning_rate, retrain=args.retrain, lookahead=args.lookahead)
+        learning_rate=args.learning_rate, retrain=args.retrain, lookahead=args.lookahead, candidates=args.candidates)
     held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
     length = dict(max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()

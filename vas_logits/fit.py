@@ -261,8 +261,8 @@ def _applicable(prefix_rewards: PrefixRewards | None, value_model: ValueModel, r
     """The prefix rewards to use: the default where they apply, an explicit request or a clear error."""
     if prefix_rewards is None:
         return None
-    why = (f"the value model's head is {value_model.config.head!r} (prefix rewards train a second scalar head)"
-           if value_model.config.head != "scalar" else
+    why = ("the value model's head is 'distributional' (prefix rewards train a second head added into a scalar or "
+           "token head)" if value_model.distributional else
            "given samples carry no reward_fn to score partial completions with" if reward_fn is None else None)
     default = prefix_rewards is DEFAULT_PREFIX_REWARDS
     if why is not None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from .prefix_rewards import PrefixRewards
 from .rollouts import Rollouts
 
-# fit()'s default PrefixRewards: applied where it can (a scalar head trained on a reward_fn; candidates with a local
-# base model) and dropped with a log line elsewhere, whereas an explicit PrefixRewards there is an error.
+# fit()'s default PrefixRewards: applied where it can (a scalar or token head trained on a reward_fn; candidates
+# with a local base model) and dropped with a log line elsewhere, whereas an explicit PrefixRewards there is an error.
 DEFAULT_PREFIX_REWARDS = PrefixRewards()
 
 
@@ -66,8 +66,8 @@ class FitConfig:
     prefix_rewards: PrefixRewards | None = _option(
         DEFAULT_PREFIX_REWARDS, "score every partial completion (and, with candidates, the base's top-k next tokens "
         "at every state) with reward_fn too and learn those exact labels in a second head added into the value head "
-        "(vas_logits.PrefixRewards); None: train on the returns alone. The default applies to a scalar head trained "
-        "on a reward_fn, its candidates only with a local base model", None)
+        "(vas_logits.PrefixRewards); None: train on the returns alone. The default applies to a scalar or token head "
+        "trained on a reward_fn, its candidates only with a local base model", None)
     # running
     output_dir: str | os.PathLike | None = _option(
         None, "where samples, checkpoints and the final model (value_model/) go; enables resuming. Its stored samples "

@@ -13,7 +13,9 @@ and trains the value head in two parts on the same backbone features h (trainer.
     phi    learns r_t and its increments r_t − r_{t−1}: exact, noise-free labels, one per token
     u      learns the rest from the TD(lambda) targets of V (phi held fixed there): E[R | s_t] − phi(s_t)
 
-Both are linear, so the trained model is one scalar head, phi + u, saved in today's format. Nothing is lost
+Both are linear, so the trained model is one scalar head, phi + u, saved in today's format. A token head
+(Q(s, a) for every next token from s alone) gets a second token head as phi, read at s_t for the drawn token
+(phi(s_t, a_t) learns r_(t+1)) and for the candidates, and is saved as one token head in the same way. Nothing is lost
 where prefixes say nothing (a reward of the finished answer only): phi then learns little and u all of it.
 The labels are unbiased: Q is still learned from the returns; phi only carries what the prefixes make exact.
 

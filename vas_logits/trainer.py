@@ -4,12 +4,13 @@ fit() (fit.py) gathers the samples and builds the value model; `Trainer` runs th
 
     loss = 0.5 · masked MSE of V(s_t) to its TD(lambda) target (scalar and token heads), or the cross-entropy
            to the distributional TD(lambda) target (distributional head); AdamW; gradient-norm clipping
-    prefix = with prefix rewards (prefix_rewards.py, scalar head): V = phi + u, phi a second linear head on the
-           same features trained on the prefix rewards and their increments, u on V's TD targets with phi
-           held fixed; phi is added into the value head when training ends (one scalar head, as saved).
-           With candidate rewards (candidate_rewards.py), each state's candidates are appended to the batch
-           (a 4-D mask: each sees its prefix and itself) and phi learns their contrasts to the drawn token;
-           with their sampling probabilities, u's targets are corrected by zero-mean control variates
+    prefix = with prefix rewards (prefix_rewards.py, scalar or token head): V = phi + u, phi a second linear head
+           of the same kind on the same features trained on the prefix rewards and their increments, u on V's TD
+           targets with phi held fixed; phi is added into the value head when training ends (one head, as saved).
+           With candidate rewards (candidate_rewards.py), phi learns each candidate's contrast to the drawn token:
+           a scalar head values the candidates appended to the batch (a 4-D mask: each sees its prefix and
+           itself), a token head reads them at their state, as it does the drawn token. With their sampling
+           probabilities, u's targets are corrected by zero-mean control variates
            (targets.control_variates) that replace which of the top-k was drawn by its expectation
 
 A checkpoint (weights, best weights, optimizer and RNG state, counters and the training settings) is written
@@ -42,7 +43,7 @@ from .run_dir import COMPLETE_MARKER, RunDirectory
 from .sampling import Sample, pad_batch
 from .stream import additive_mask, within_window
 from .targets import control_variates, distributional_td_lambda_targets, state_mask, td_lambda_targets, two_hot
-from .value_model import WEIGHTS_NAME
+from .value_model import WEIGHTS_NAME, token_values
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +83,19 @@ class Batch:
     # sequence: input_ids is then (B, L + (S − 1) k) and these are set:
     allowed: torch.Tensor | None = None  # (B, L', L') bool: which column each column attends to
     position_ids: torch.Tensor | None = None  # (B, L')
-    candidate_columns: torch.Tensor | None = None  # (B, S − 1, k) the column of candidate j at state s_t
+    candidate_ids: torch.Tensor | None = None  # (B, S − 1, k) candidate j's token id at state s_t
+    candidate_columns: torch.Tensor | None = None  # (B, S − 1, k) its column (appended candidates only)
     candidate_rewards: torch.Tensor | None = None  # (B, S − 1, k) r(s_t∘a_j)
     candidate_valid: torch.Tensor | None = None  # (B, S − 1, k) t < T
     candidate_probs: torch.Tensor | None = None  # (B, S − 1, k) p(a_j | s_t) of sampling, when known
     candidate_drawn: torch.Tensor | None = None  # (B, S − 1, k) a_j is the token drawn at s_t
 
 
-def collate(samples: Sequence[Sample], pad_token_id: int, device, candidates: bool = False) -> Batch:
-    """A right-padded batch; `candidates`: with each state's candidates appended (when all samples have them)."""
+def collate(samples: Sequence[Sample], pad_token_id: int, device, candidates: bool = False,
+            append: bool = True) -> Batch:
+    """A right-padded batch; `candidates`: with each state's candidates (when all samples have them), appended to
+    the sequences to be valued as their own prefixes (`append`, a V(s∘a) head) or only listed (a token head reads
+    Q(s_t, a) at s_t itself)."""
     input_ids, attention_mask = pad_batch([s.prompt_ids + s.completion_ids for s in samples], pad_token_id, "right")
     width = input_ids.shape[1]
     lengths = torch.tensor([len(sample.completion_ids) for sample in samples])
@@ -106,14 +111,15 @@ def collate(samples: Sequence[Sample], pad_token_id: int, device, candidates: bo
         prefix_rewards = torch.tensor(padded)
     batch = Batch(input_ids, attention_mask, state_positions, lengths, rewards, first_states, prefix_rewards)
     if candidates and all(sample.candidate_ids is not None for sample in samples):
-        _append_candidates(batch, samples, prompt_lengths)
+        _list_candidates(batch, samples, prompt_lengths)
+        if append:
+            _append_candidates(batch, prompt_lengths)
     return Batch(**{name: value.to(device) if isinstance(value, torch.Tensor) else value
                     for name, value in vars(batch).items()})
 
 
-def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: torch.Tensor) -> None:
-    """Append the candidates of every state after the padded sequences, each attending to its own prefix (the
-    columns up to its state's last token) and to itself, at the position of the next token."""
+def _list_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: torch.Tensor) -> None:
+    """Set the batch's candidate ids, rewards, validity and (when known) sampling probabilities, (B, S − 1, k)."""
     batch_size, width = batch.input_ids.shape
     num_states = batch.state_positions.shape[1] - 1  # s_0 .. s_{S−2}: the states with a next token
     top_k = max((len(row) for sample in samples for row in sample.candidate_ids), default=1)
@@ -129,12 +135,21 @@ def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: 
             valid[row, t, : len(tokens)] = True
             if with_probs:
                 probs[row, t, : len(tokens)] = torch.tensor(sample.candidate_probs[t])
-    extra = num_states * top_k
-    total = width + extra
     state_ends = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]  # (B, S − 1) last column of s_t
     if with_probs:  # the token drawn at s_t is the sequence's next column
         drawn_tokens = batch.input_ids.gather(1, (state_ends + 1).clamp(max=width - 1))  # (B, S − 1)
         batch.candidate_probs, batch.candidate_drawn = probs, (ids == drawn_tokens[..., None]) & valid
+    batch.candidate_ids, batch.candidate_rewards, batch.candidate_valid = ids, rewards, valid
+
+
+def _append_candidates(batch: Batch, prompt_lengths: torch.Tensor) -> None:
+    """Append the listed candidates of every state after the padded sequences, each attending to its own prefix
+    (the columns up to its state's last token) and to itself, at the position of the next token."""
+    batch_size, width = batch.input_ids.shape
+    num_states, top_k = batch.candidate_ids.shape[1:]
+    extra = num_states * top_k
+    total = width + extra
+    state_ends = prompt_lengths[:, None] - 1 + torch.arange(num_states)[None, :]  # (B, S − 1) last column of s_t
     limit = state_ends[..., None].expand(-1, -1, top_k).reshape(batch_size, extra)  # (B, E) its last visible column
     columns = torch.arange(total)
     real = batch.attention_mask.bool()
@@ -143,11 +158,10 @@ def _append_candidates(batch: Batch, samples: Sequence[Sample], prompt_lengths: 
     allowed[:, :width, :width] |= torch.eye(width, dtype=torch.bool)  # even a pad sees itself: no empty rows
     allowed[:, width:, :width] = real[:, None, :] & (columns[None, None, :width] <= limit[..., None])
     allowed[:, width:, width:] = torch.eye(extra, dtype=torch.bool)
-    batch.input_ids = torch.cat([batch.input_ids, ids.reshape(batch_size, extra)], dim=1)
+    batch.input_ids = torch.cat([batch.input_ids, batch.candidate_ids.reshape(batch_size, extra)], dim=1)
     batch.position_ids = torch.cat([torch.arange(width).expand(batch_size, -1), limit + 1], dim=1)  # next token's
     batch.allowed = allowed
     batch.candidate_columns = width + torch.arange(extra).reshape(num_states, top_k).expand(batch_size, -1, -1)
-    batch.candidate_rewards, batch.candidate_valid = rewards, valid
 
 
 def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dtype: torch.dtype):
@@ -161,6 +175,18 @@ def additive_masks(allowed: torch.Tensor, position_ids: torch.Tensor, layout, dt
             keep = allowed & within_window(position_ids, position_ids, window)
         by_type[layer_type] = additive_mask(keep, dtype)
     return next(iter(by_type.values())) if len(by_type) == 1 else by_type
+
+
+class TokenPrefixHead(torch.nn.Module):
+    """phi for a token head: phi(s, a) = head(h_s) · e_a + token_bias[a], shaped like the value model's own token
+    head (the same parameter names), so that phi + u is again one token head."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, device, dtype):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
+        self.token_bias = torch.nn.Parameter(torch.zeros(vocab_size, device=device, dtype=dtype))
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
 
 
 def trained_states(batch: Batch, num_states: int) -> torch.Tensor:
@@ -186,18 +212,23 @@ class Trainer:
         self.prefix_rewards, self.prefix_head = prefix_rewards, None
         parameters = list(value_model.parameters())
         if prefix_rewards is not None:
-            if value_model.config.head != "scalar":
-                raise ValueError(f"`prefix_rewards` trains a second scalar head: it needs head='scalar', not "
-                                 f"{value_model.config.head!r} (pass prefix_rewards=None)")
+            if value_model.distributional:
+                raise ValueError("`prefix_rewards` trains a second head added into the value head: it needs "
+                                 "head='scalar' or 'token', not 'distributional' (pass prefix_rewards=None)")
             # phi, zero at the start like the value head; outside DDP, so its gradients are averaged by hand
-            self.prefix_head = torch.nn.Linear(value_model.head.in_features, 1, device=self.device,
-                                               dtype=value_model.dtype)
-            torch.nn.init.zeros_(self.prefix_head.weight)
-            torch.nn.init.zeros_(self.prefix_head.bias)
+            hidden_size = value_model.backbone_config.hidden_size
+            if value_model.token_head:
+                self.prefix_head = TokenPrefixHead(hidden_size, value_model.backbone_config.vocab_size, self.device,
+                                                   value_model.dtype)
+            else:
+                self.prefix_head = torch.nn.Linear(hidden_size, 1, device=self.device, dtype=value_model.dtype)
+                torch.nn.init.zeros_(self.prefix_head.weight)
+                torch.nn.init.zeros_(self.prefix_head.bias)
             parameters += list(self.prefix_head.parameters())
-        # the attention layout the candidates' masks are built for (refused now if the processor cannot mask it)
+        # the attention layout appended candidates' masks are built for (refused now if the processor cannot mask
+        # it); a token head values candidates at their state and appends none
         self.layout = attention_layout(value_model) if prefix_rewards is not None and prefix_rewards.candidates \
-            else None
+            and not value_model.token_head else None
         self.optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
         # samples_in_epoch: how many of this process's samples (in the epoch's order) the current epoch has trained on
         self.epoch, self.samples_in_epoch, self.global_step = 0, 0, 0
@@ -230,7 +261,7 @@ class Trainer:
         model, self.model = self.model, self.value_model  # not through DDP: no collective for a dry run
         self.value_model.train()
         try:
-            loss = self.losses(collate(dummy, self.pad_token_id, self.device, candidates=True))[0]
+            loss = self.losses(self.collate(dummy, candidates=True))[0]
             loss.backward()
             if not bool(torch.isfinite(loss)):
                 raise ValueError(f"a training step on a dummy batch gave a non-finite loss ({loss.item()})")
@@ -247,28 +278,21 @@ class Trainer:
                 parameter.grad = grad
             self.value_model.train(was_training)
 
+    def collate(self, samples: Sequence[Sample], candidates: bool = False) -> Batch:
+        """A batch of `samples` for this value model: candidates appended for a V(s∘a) head, listed for a token
+        head."""
+        return collate(samples, self.pad_token_id, self.device, candidates=candidates,
+                       append=not self.value_model.token_head)
+
     def losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss to the TD(lambda) targets: 0.5 · masked MSE (scalar head) or masked cross-entropy
         (distributional head). Also returns the state values (B, S), the rewards in the model's units (B,) and
         the state mask (B, S)."""
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         rewards = (batch.rewards - self.reward_mean) / self.reward_std
-        if self.value_model.token_head:
-            # Q(s_t, a_t) of the token taken at each state is the value of the next state s_{t+1}: the same TD
-            # targets over states s_1 .. s_T (s_0, valued by no taken token, is a dummy that no target uses)
-            next_ids = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)  # (B, L): id after each
-            with autocast:
-                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    next_tokens=next_ids[..., None])  # (B, L, 1)
-            taken_at = batch.state_positions[:, :-1]  # (B, S - 1): where s_t ends, t < T
-            q_taken = output.values[..., 0].float().gather(1, taken_at)  # (B, S - 1) = V(s_1) .. V(s_T)
-            state_values = torch.cat([torch.zeros_like(q_taken[:, :1]), q_taken], dim=1)  # (B, S)
-            mask = trained_states(batch, state_values.shape[1])
-            mask[:, 0] = False
-            targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
-            loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
-            return loss, state_values, rewards, mask
         with_prefix = self.prefix_head is not None
+        if self.value_model.token_head:
+            return self._token_losses(batch, rewards, autocast)
         attention_mask = batch.attention_mask
         if batch.allowed is not None:  # candidates appended: each sees its prefix and itself
             attention_mask = additive_masks(batch.allowed, batch.position_ids, self.layout, self.value_model.dtype)
@@ -279,7 +303,11 @@ class Trainer:
         state_values = output.values.float().gather(1, batch.state_positions)  # (B, S)
         mask = trained_states(batch, state_values.shape[1])
         if with_prefix:
-            return self._prefix_losses(batch, phi, state_values, rewards, mask)
+            phi_candidates = None
+            if batch.candidate_columns is not None:  # (B, S − 1, k) phi(s_t∘a_j), each valued at its own column
+                phi_candidates = phi.gather(1, batch.candidate_columns.flatten(1)).view(batch.candidate_columns.shape)
+            return self._prefix_losses(batch, phi.gather(1, batch.state_positions), phi_candidates, state_values,
+                                       rewards, mask)
         if self.value_model.distributional:
             index = batch.state_positions[..., None].expand(-1, -1, output.logits.shape[-1])
             log_probs = output.logits.float().gather(1, index).log_softmax(-1)  # (B, S, A)
@@ -291,14 +319,54 @@ class Trainer:
             loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
         return loss, state_values, rewards, mask
 
-    def _prefix_losses(self, batch: Batch, phi_columns: torch.Tensor, u: torch.Tensor, rewards: torch.Tensor,
-                       mask: torch.Tensor):
+    def _token_losses(self, batch: Batch, rewards: torch.Tensor, autocast):
+        """The token head's losses. Q(s_t, a_t) of the token taken at each state is the value of the next state
+        s_{t+1}: the same TD targets over states s_1 .. s_T (s_0, valued by no taken token, is a dummy that no
+        target uses). With prefix rewards, phi(s_t, ·) is read at s_t for the taken token and the listed
+        candidates alike: one position per state, no candidate appended."""
+        next_ids = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, -1:]], dim=1)  # (B, L): id after each
+        asked = next_ids[..., None]  # (B, L, 1 + k): the taken token, then (at states) the candidates
+        taken_at = batch.state_positions[:, :-1]  # (B, S − 1): where s_t ends, t < T
+        if batch.candidate_ids is not None:
+            listed = torch.zeros(*next_ids.shape, batch.candidate_ids.shape[-1], dtype=torch.long,
+                                 device=next_ids.device)
+            listed.scatter_(1, taken_at[..., None].expand_as(batch.candidate_ids), batch.candidate_ids)
+            asked = torch.cat([asked, listed], dim=-1)
+        with_prefix = self.prefix_head is not None
+        with autocast:
+            output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, next_tokens=asked,
+                                return_hidden=with_prefix)  # values (B, L, 1 + k)
+            phi_all = token_values(self.prefix_head.head, self.prefix_head.token_bias,
+                                   self.value_model.backbone.get_input_embeddings().weight, output.hidden,
+                                   asked) if with_prefix else None
+
+        def at_states(values: torch.Tensor) -> torch.Tensor:  # (B, L, 1 + k) -> (B, S − 1, 1 + k) at s_0 .. s_{S−2}
+            return values.float().gather(1, taken_at[..., None].expand(-1, -1, values.shape[-1]))
+
+        def as_states(taken: torch.Tensor) -> torch.Tensor:  # (B, S − 1) -> (B, S) = dummy, V(s_1) .. V(s_T)
+            return torch.cat([torch.zeros_like(taken[:, :1]), taken], dim=1)
+
+        u = at_states(output.values)
+        state_values = as_states(u[..., 0])
+        mask = trained_states(batch, state_values.shape[1])
+        mask[:, 0] = False
+        if with_prefix:
+            phi = at_states(phi_all)
+            phi_candidates = phi[..., 1:] if batch.candidate_ids is not None else None
+            return self._prefix_losses(batch, as_states(phi[..., 0]), phi_candidates, state_values, rewards, mask)
+        targets = td_lambda_targets(state_values, rewards, batch.lengths, self.gamma, self.lam)
+        loss = 0.5 * ((state_values - targets) ** 2 * mask).sum() / mask.sum()
+        return loss, state_values, rewards, mask
+
+    def _prefix_losses(self, batch: Batch, phi: torch.Tensor, phi_candidates: torch.Tensor | None, u: torch.Tensor,
+                       rewards: torch.Tensor, mask: torch.Tensor):
         """V = phi + u (module docstring): V's TD loss trains u (phi held fixed), phi's own loss the prefix rewards
         r_t (states s_1 .. s_T: r_0 is never scored), their increments (not for samples without them: given
-        samples) and, with candidates, each candidate's contrast to the drawn token. phi_columns: (B, L) phi at
-        every column; u, mask: (B, S)."""
-        phi = phi_columns.gather(1, batch.state_positions)  # (B, S)
+        samples) and, with candidates, each candidate's contrast to the drawn token. phi, u, mask: (B, S) at the
+        states (mask: those V's TD loss trains); phi_candidates: (B, S − 1, k) phi(s_t∘a_j) of the listed
+        candidates."""
         values = phi.detach() + u
+        with_next = trained_states(batch, phi.shape[1])[:, :-1, None]  # (B, S − 1, 1): s_t trained, a token follows
         # in the value's units: r_t (B, S) and r(s_t∘a) (B, S − 1, k)
         prefix = None if batch.prefix_rewards is None else (batch.prefix_rewards - self.reward_mean) / self.reward_std
         candidates = None if batch.candidate_rewards is None else \
@@ -311,7 +379,7 @@ class Trainer:
             weights = batch.candidate_probs[:, 0] * batch.candidate_valid[:, 0]
             baselines[:, 0] = (weights * candidates[:, 0]).sum(-1) / weights.sum(-1).clamp(min=1e-12)
             corrections = control_variates(candidates, batch.candidate_probs, batch.candidate_drawn,
-                                           batch.candidate_valid & mask[:, :-1, None], baselines)
+                                           batch.candidate_valid & with_next, baselines)
         targets = td_lambda_targets(values, rewards, batch.lengths, self.gamma, self.lam, corrections)
         loss = 0.5 * ((values - targets) ** 2 * mask).sum() / mask.sum()
         if prefix is None:
@@ -324,19 +392,19 @@ class Trainer:
         if steps.any():
             increments = (phi[:, 1:] - phi[:, :-1]) - (prefix[:, 1:] - prefix[:, :-1])
             loss = loss + self.prefix_rewards.increment_weight * 0.5 * (increments ** 2 * steps).sum() / steps.sum()
-        valid = batch.candidate_valid & mask[:, :-1, None] if batch.candidate_columns is not None else None
+        valid = batch.candidate_valid & with_next if phi_candidates is not None else None
         if valid is not None and valid.any():  # phi(s_t∘a) − phi(s_{t+1}) against r(s_t∘a) − r_{t+1}
-            batch_size, num_states, top_k = batch.candidate_columns.shape
-            phi_candidates = phi_columns.gather(1, batch.candidate_columns.reshape(batch_size, -1))
-            contrasts = (phi_candidates.view(batch_size, num_states, top_k) - phi[:, 1:, None]) - \
-                (candidates - prefix[:, 1:, None])
+            contrasts = (phi_candidates - phi[:, 1:, None]) - (candidates - prefix[:, 1:, None])
             loss = loss + self.prefix_rewards.increment_weight * 0.5 * (contrasts ** 2 * valid).sum() / valid.sum()
         return loss, (phi + u).detach(), rewards, mask
 
     def merged_state(self) -> dict[str, torch.Tensor]:
         """The value model's weights with phi added into its head: the model V = phi + u as one scalar head."""
         state = {key: value.detach().clone() for key, value in self.value_model.state_dict().items()}
-        if self.prefix_head is not None:
+        if isinstance(self.prefix_head, TokenPrefixHead):  # the same names as the token head's own parameters
+            for key, value in self.prefix_head.state_dict().items():
+                state[key] += value.detach()
+        elif self.prefix_head is not None:
             state["head.weight"] += self.prefix_head.weight.detach()
             state["head.bias"] += self.prefix_head.bias.detach()
         return state
@@ -382,8 +450,7 @@ class Trainer:
                 self.value_model.train()
                 for start in starts:
                     indices = order[start : start + batch_size]
-                    batch = collate([train_samples[i] for i in indices], self.pad_token_id, self.device,
-                                    candidates=True)
+                    batch = self.collate([train_samples[i] for i in indices], candidates=True)
                     loss = self.losses(batch)[0]
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -417,8 +484,9 @@ class Trainer:
         elif final:
             self.value_model.load_state_dict(self.merged_state())
         if final and self.prefix_head is not None:  # phi now lives in the value head
-            torch.nn.init.zeros_(self.prefix_head.weight)
-            torch.nn.init.zeros_(self.prefix_head.bias)
+            with torch.no_grad():
+                for parameter in self.prefix_head.parameters():
+                    parameter.zero_()
 
     def _parameters(self) -> list[torch.nn.Parameter]:
         return [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
@@ -449,7 +517,7 @@ class Trainer:
         self.value_model.eval()
         total_loss, predictions, rewards = 0.0, [], []
         for start in range(0, len(samples), batch_size):
-            batch = collate(samples[start : start + batch_size], self.pad_token_id, self.device)
+            batch = self.collate(samples[start : start + batch_size])
             loss, state_values, batch_rewards, mask = self.losses(batch)
             total_loss += loss.item() * len(batch.rewards)
             predictions.append(state_values[mask])

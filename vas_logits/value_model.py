@@ -162,6 +162,17 @@ def _value_range(values) -> tuple[float, float]:
     return low, high
 
 
+def token_values(head: nn.Linear, token_bias: torch.Tensor, embeddings: torch.Tensor, hidden: torch.Tensor,
+                 next_tokens: torch.LongTensor | None) -> torch.Tensor:
+    """A token head's Q(s_t, a) = head(h_t) · e_a + b_a, float32: (B, n, m) for next_tokens (B, n, m) at the last n
+    positions of hidden (B, T, H), or (B, T, V) of every token at every position. embeddings: (V, H) the e_a."""
+    if next_tokens is None:
+        return (head(hidden) @ embeddings.T + token_bias).float()
+    query = head(hidden[:, hidden.shape[1] - next_tokens.shape[1] :])  # (B, n, H): only where asked
+    chosen = embeddings[next_tokens]  # (B, n, m, H)
+    return ((chosen @ query[..., None]).squeeze(-1) + token_bias[next_tokens]).float()
+
+
 @dataclass
 class ValueModelOutput(ModelOutput):
     """Output of `ValueModel.forward`.
@@ -369,23 +380,15 @@ class ValueModel(nn.Module):
             position_ids=position_ids,
             use_cache=use_cache,
         )
+        hidden = outputs.last_hidden_state if return_hidden else None
         if self.token_head:
-            return ValueModelOutput(values=self._token_values(outputs.last_hidden_state, next_tokens), cache=cache)
+            values = token_values(self.head, self.token_bias, self.backbone.get_input_embeddings().weight,
+                                  outputs.last_hidden_state, next_tokens)
+            return ValueModelOutput(values=values, cache=cache, hidden=hidden)
         head = self.head(outputs.last_hidden_state).float()  # (B, T, 1) or (B, T, A)
         logits = head if self.distributional else None
         values = head.softmax(-1) @ self.atoms if self.distributional else head.squeeze(-1)  # (B, T)
-        hidden = outputs.last_hidden_state if return_hidden else None
         return ValueModelOutput(values=values, logits=logits, cache=cache, hidden=hidden)
-
-    def _token_values(self, hidden: torch.Tensor, next_tokens: torch.LongTensor | None) -> torch.Tensor:
-        """Token head: (B, n, m) Q(s_t, a) = head(h_t) · e_a + b_a for next_tokens (B, n, m) at the last n
-        positions, or (B, T, V) of every token at every position."""
-        embeddings = self.backbone.get_input_embeddings().weight  # (V, H)
-        if next_tokens is None:
-            return (self.head(hidden) @ embeddings.T + self.token_bias).float()
-        query = self.head(hidden[:, hidden.shape[1] - next_tokens.shape[1] :])  # (B, n, H): only where asked
-        chosen = embeddings[next_tokens]  # (B, n, m, H)
-        return ((chosen @ query[..., None]).squeeze(-1) + self.token_bias[next_tokens]).float()
 
     def beta_times_q(self, output: ValueModelOutput, beta: float | torch.Tensor, last: int) -> torch.Tensor:
         """beta · Q for the last `last` positions of `output`, (batch, last) float32.
