@@ -37,6 +37,7 @@ quality.json to --output.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -213,8 +214,10 @@ def write_plot(results: list[Result], path: Path, title: str) -> None:
     groups = {}
     for r in results:
         groups.setdefault(r.method, []).append(r)
-    colours = iter(["k", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:gray"])
-    markers = iter("so^vDPX")
+    # Cycled: a results file gathers rows across runs, so it may hold more methods than colours.
+    colours = itertools.cycle(["k", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:gray",
+                               "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    markers = itertools.cycle("so^vDPX*hd")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for name, rs in groups.items():
         colour, marker = next(colours), next(markers)

@@ -144,3 +144,11 @@ def test_future_part_statistics_remove_the_rollouts_noise_and_measure_steering_e
     proportional = bench_future_part.efficiencies([bench_future_part.state_moments(rec) for rec in exact])
     assert proportional["eff_r"] == pytest.approx(1.0, abs=1e-9)
     assert proportional["std_f"] == pytest.approx(1.5 * true_r ** 0.5, rel=1e-6)
+
+
+def test_the_plot_takes_more_methods_than_it_has_colours(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [bench_quality.Result(f"VAS model{i}", "β=2", 0.1 * i, 0.01, 0.2 * i, 1.0, 1.5, 1.2) for i in range(15)]
+    bench_quality.write_results(rows, tmp_path, "many", "15 methods")
+    assert (tmp_path / "many.png").stat().st_size > 0
+    assert len(json.loads((tmp_path / "many.json").read_text())) == 15
