@@ -205,6 +205,17 @@ def matmul_parameters(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+COLOURS = ["k", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:gray", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan"]
+MARKERS = "so^vDPX*hd"
+
+
+def plot_styles(methods: list[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) per method, in order. Cycled: a results file gathers rows across runs, so it may hold more
+    methods than there are colours (11 and 10 of unequal length, so the pairs repeat only after 110)."""
+    return dict(zip(methods, zip(itertools.cycle(COLOURS), itertools.cycle(MARKERS))))
+
+
 def write_plot(results: list[Result], path: Path, title: str) -> None:
     import matplotlib
 
@@ -214,13 +225,10 @@ def write_plot(results: list[Result], path: Path, title: str) -> None:
     groups = {}
     for r in results:
         groups.setdefault(r.method, []).append(r)
-    # Cycled: a results file gathers rows across runs, so it may hold more methods than colours.
-    colours = itertools.cycle(["k", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:gray",
-                               "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
-    markers = itertools.cycle("so^vDPX*hd")
+    styles = plot_styles(list(groups))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for name, rs in groups.items():
-        colour, marker = next(colours), next(markers)
+        colour, marker = styles[name]
         for ax, x in zip(axes, ("kl", "compute", "wall")):
             ax.errorbar([getattr(r, x) for r in rs], [r.reward for r in rs], yerr=[r.reward_se for r in rs],
                         color=colour, marker=marker, capsize=3, label=name, linestyle="-" if len(rs) > 1 else "")

@@ -147,7 +147,12 @@ def test_future_part_statistics_remove_the_rollouts_noise_and_measure_steering_e
 
 
 def test_the_plot_takes_more_methods_than_it_has_colours(tmp_path):
-    pytest.importorskip("matplotlib")
+    methods = [f"VAS model{i}" for i in range(15)]
+    styles = bench_quality.plot_styles(methods)
+    assert list(styles) == methods
+    assert len(set(styles.values())) == 15  # past the 11 colours, still one style per method
+    assert len({colour for colour, _ in list(styles.values())[:11]}) == 11
+    pytest.importorskip("matplotlib")  # the whole plot, where the examples' extras are installed
     rows = [bench_quality.Result(f"VAS model{i}", "β=2", 0.1 * i, 0.01, 0.2 * i, 1.0, 1.5, 1.2) for i in range(15)]
     bench_quality.write_results(rows, tmp_path, "many", "15 methods")
     assert (tmp_path / "many.png").stat().st_size > 0
