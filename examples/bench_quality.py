@@ -31,7 +31,7 @@ quality.json to --output.
     python examples/sentiment.py --head distributional    # and the distributional one
     python examples/bench_quality.py      # ~15 min on 2 CPU cores
     python examples/bench_quality.py --value-models x2=PATH --baselines examples/results/quality.json \
-        --args-weights --masked-betas --name quality_x2   # a new model against the stored curves, in minutes
+        --args-weights --name quality_x2   # a new model against the stored curves, in minutes
 """
 
 from __future__ import annotations
@@ -287,11 +287,12 @@ def main():
     parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 1, 2, 4, 8, 16, 32],
                         help="VAS with outside_top_k='keep': the closed form, other tokens keep their base score "
                              "(beta per standard deviation of the reward: the value models are standardised)")
-    parser.add_argument("--masked-betas", type=float, nargs="*", default=[0, 2],
+    parser.add_argument("--masked-betas", type=float, nargs="*", default=None,
                         help="VAS with outside_top_k='mask' (the library default; first value model only): only "
-                             "the top k can be sampled")
+                             "the top k can be sampled (default: 0 2, or none with --baselines)")
     parser.add_argument("--args-weights", type=float, nargs="*", default=[2, 4, 8],
-                        help="ARGS-style reward weights (none: skip ARGS)")
+                        help="ARGS-style reward weights (none: skip ARGS); with --baselines, these weights are "
+                             "sampled again and the stored ARGS rows of other weights are kept")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts to use (at most 64)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -307,6 +308,8 @@ def main():
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_threads(args.threads)
+    if args.masked_betas is None:
+        args.masked_betas = [] if args.baselines else [0, 2]
     value_models = {}
     for entry in args.value_models:
         name, _, path = entry.partition("=")
@@ -325,8 +328,8 @@ def main():
     sweeps = {name: [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 and args.masked_betas else [])
               for index, name in enumerate(value_models)}  # (outside_top_k, betas) per value model
     stored = load_baselines(args.baselines, names=[vas_group(name, outside, args.top_k)
-                                                   for name in value_models for outside, _ in sweeps[name]]
-                            + (["ARGS"] if args.args_weights else []))
+                                                   for name in value_models for outside, _ in sweeps[name]],
+                            args_settings=[f"w={weight:g}" for weight in args.args_weights])
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
     base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
@@ -409,14 +412,20 @@ def vas_group(name: str, outside_top_k: str, top_k: int) -> str:
     return f"VAS {name}" + ("" if outside_top_k == "keep" else f", top-{top_k} only")
 
 
-def load_baselines(path: Path | None, names: list[str]) -> list[Result]:
-    """The rows of an earlier run's JSON (`--baselines`) but those of the methods in `names` (re-run now); [] for
-    None. It must hold the Best-of-N curve that gain ratios are measured against."""
+def load_baselines(path: Path | None, names: list[str], args_settings: list[str] = ()) -> list[Result]:
+    """The rows of an earlier run's JSON (`--baselines`) but those of the methods in `names` and the ARGS rows of
+    `args_settings` (all re-run now); [] for None. It must hold the Best-of-N curve that gain ratios are measured
+    against. A VAS method's rows go as a whole (a name may now stand for another value model); an ARGS row depends
+    only on its weight, so the stored ARGS weights not re-run stay on the curve."""
     if path is None:
         return []
+
+    def rerun(row: dict) -> bool:
+        return row["method"] in names or (row["method"] == "ARGS" and row["setting"] in args_settings)
+
     try:
         rows = json.loads(Path(path).read_text())
-        results = [Result(**row) for row in rows if row["method"] not in names]
+        results = [Result(**row) for row in rows if not rerun(row)]
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise SystemExit(f"--baselines {path}: not a quality.json written by this script ({error})") from error
     if not any(r.method == "Best-of-N" for r in results):

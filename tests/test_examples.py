@@ -66,6 +66,11 @@ def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
     assert [(r.method, r.setting) for r in kept] == [("Best-of-N", "N=1"), ("Best-of-N", "N=2"), ("ARGS", "w=4")]
     assert kept[0] == rows[0]  # read back whole, kl_kind and extra included
     assert len(bench_quality.load_baselines(tmp_path / "quality.json", names=["VAS other"])) == 4
+    # ARGS depends only on its weight: re-running other weights keeps the stored one, re-running it replaces it
+    kept = bench_quality.load_baselines(tmp_path / "quality.json", names=[], args_settings=["w=8"])
+    assert ("ARGS", "w=4") in [(r.method, r.setting) for r in kept]
+    kept = bench_quality.load_baselines(tmp_path / "quality.json", names=[], args_settings=["w=4", "w=8"])
+    assert "ARGS" not in [r.method for r in kept]
     assert bench_quality.load_baselines(None, names=[]) == []
     (tmp_path / "no_best_of.json").write_text('[{"method": "ARGS", "setting": "w=4", "reward": 0.2, '
                                               '"reward_se": 0.0, "kl": 0.4, "forward_tokens": 1, "compute": 1, '
