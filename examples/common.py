@@ -15,7 +15,7 @@ import torch
 from llama_server import smollm2_gguf
 from tqdm.auto import tqdm
 
-from vas_logits import FitConfig, PrefixRewards, ValueModel, fit
+from vas_logits import FitConfig, PrefixRewards, Rollouts, ValueModel, fit
 
 EXAMPLES = Path(__file__).resolve().parent
 CACHE = EXAMPLES / ".cache"
@@ -109,16 +109,18 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
                   epochs: int = FIT_DEFAULTS.epochs,
                   learning_rate: float | None = None, sampling_batch_size: int = 64,
                   retrain: bool = False, lookahead: bool = PrefixRewards().lookahead,
-                  candidates: int = PrefixRewards().candidates) -> ValueModel:
+                  candidates: int = PrefixRewards().candidates, siblings: int = 0) -> ValueModel:
     """A value model for `reward_fn` cut from the base's first `num_layers` layers and trained with fit() on the
     training openings, cached in examples/.cache/<name>-<num_layers>layers[-<head>][-<n>spp][-<n>epochs][-top<n>]
-    [-no-lookahead] (the suffixes when not fit()'s defaults: a scalar head, FitConfig's samples per prompt and epochs,
-    PrefixRewards' candidates and lookahead labels; a second call just loads it)."""
+    [-no-lookahead][-siblings<n>] (the suffixes when not fit()'s defaults: a scalar head, FitConfig's samples per
+    prompt and epochs, PrefixRewards' candidates and lookahead labels, no sibling rollouts; a second call just
+    loads it)."""
     suffixes = [f"-{head}" if head != "scalar" else "",
                 f"-{samples_per_prompt}spp" if samples_per_prompt != FIT_DEFAULTS.samples_per_prompt else "",
                 f"-{epochs}epochs" if epochs != FIT_DEFAULTS.epochs else "",
                 f"-top{candidates}" if candidates != PrefixRewards().candidates else "",
-                "" if lookahead else "-no-lookahead"]
+                "" if lookahead else "-no-lookahead",
+                f"-siblings{siblings}" if siblings else ""]
     output_dir = CACHE / (f"{name}-{num_layers}layers" + "".join(suffixes))
     saved = output_dir / "value_model"
     if (saved / "model.safetensors").exists() and not retrain:
@@ -133,6 +135,7 @@ def train_or_load(model, tokenizer, name: str, reward_fn, reward_name: str, *, n
         reward_name=reward_name, overwrite_output_dir=retrain,
         **({} if lookahead and candidates == PrefixRewards().candidates else
            {"prefix_rewards": PrefixRewards(candidates=candidates, lookahead=lookahead)}),
+        **({"rollouts": Rollouts(siblings=siblings)} if siblings else {}),
     )
     print(f"Trained the value model in {time.perf_counter() - start:.0f} s; saved to {saved}")
     return value_model

@@ -37,6 +37,9 @@ def main():
                         help="train without lookahead labels (PrefixRewards(lookahead=False), as before round 20)")
     parser.add_argument("--candidates", type=int, default=PrefixRewards().candidates,
                         help="the base's top-N next tokens scored at every state (PrefixRewards(candidates=N))")
+    parser.add_argument("--siblings", type=int, default=0,
+                        help="sibling rollouts per training sample (Rollouts(siblings=N)): the base's returns of N "
+                             "top-k candidates at one state of each sample")
     parser.add_argument("--retrain", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -47,7 +50,8 @@ def main():
         model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment", num_layers=args.num_layers,
         head=args.head,
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
-        learning_rate=args.learning_rate, retrain=args.retrain, lookahead=args.lookahead, candidates=args.candidates)
+        learning_rate=args.learning_rate, retrain=args.retrain, lookahead=args.lookahead, candidates=args.candidates,
+        siblings=args.siblings)
     held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
     length = dict(max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()
