@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -329,7 +330,7 @@ def main():
               for index, name in enumerate(value_models)}  # (outside_top_k, betas) per value model
     stored = load_baselines(args.baselines, names=[vas_group(name, outside, args.top_k)
                                                    for name in value_models for outside, _ in sweeps[name]],
-                            args_settings=[f"w={weight:g}" for weight in args.args_weights])
+                            args_settings=[args_setting(weight) for weight in args.args_weights])
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
     base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
@@ -376,10 +377,10 @@ def main():
                 value_tokens = run.prompt_tokens + run.slots * per_step
                 record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens, value_params[name])
     for weight in args.args_weights:
-        args.desc = f"ARGS w={weight:g}"
+        args.desc = f"ARGS {args_setting(weight)}"
         run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
                          lambda: [ArgsStyle(tokenizer, vader_reward, weight, args.top_k)], args)
-        record("ARGS", f"w={weight:g}", run, args.samples_per_prompt)
+        record("ARGS", args_setting(weight), run, args.samples_per_prompt)
 
     args_rows = [r for r in results if r.method == "ARGS"]
     for r in results:  # VAS against ARGS at equal KL, where this run sampled both on the same prompts
@@ -412,7 +413,12 @@ def vas_group(name: str, outside_top_k: str, top_k: int) -> str:
     return f"VAS {name}" + ("" if outside_top_k == "keep" else f", top-{top_k} only")
 
 
-def load_baselines(path: Path | None, names: list[str], args_settings: list[str] = ()) -> list[Result]:
+def args_setting(weight: float) -> str:
+    """An ARGS row's setting, "w=4": how its rows are written and how --baselines finds the ones re-run."""
+    return f"w={weight:g}"
+
+
+def load_baselines(path: Path | None, names: list[str], args_settings: Sequence[str] = ()) -> list[Result]:
     """The rows of an earlier run's JSON (`--baselines`) but those of the methods in `names` and the ARGS rows of
     `args_settings` (all re-run now); [] for None. It must hold the Best-of-N curve that gain ratios are measured
     against. A VAS method's rows go as a whole (a name may now stand for another value model); an ARGS row depends

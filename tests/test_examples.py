@@ -67,6 +67,7 @@ def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
     assert kept[0] == rows[0]  # read back whole, kl_kind and extra included
     assert len(bench_quality.load_baselines(tmp_path / "quality.json", names=["VAS other"])) == 4
     # ARGS depends only on its weight: re-running other weights keeps the stored one, re-running it replaces it
+    assert bench_quality.args_setting(4.0) == "w=4"  # as the stored results files spell their ARGS rows
     kept = bench_quality.load_baselines(tmp_path / "quality.json", names=[], args_settings=["w=8"])
     assert ("ARGS", "w=4") in [(r.method, r.setting) for r in kept]
     kept = bench_quality.load_baselines(tmp_path / "quality.json", names=[], args_settings=["w=4", "w=8"])
