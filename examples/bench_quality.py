@@ -32,6 +32,8 @@ quality.json to --output.
     python examples/bench_quality.py      # ~15 min on 2 CPU cores
     python examples/bench_quality.py --value-models x2=PATH --baselines examples/results/quality.json \
         --args-weights --name quality_x2   # a new model against the stored curves, in minutes
+    python examples/bench_quality.py --value-models "ens=PATH1,PATH2" --baselines examples/results/quality.json \
+        --args-weights --name quality_ens  # an ensemble: VAS with both, each at beta / 2
 """
 
 from __future__ import annotations
@@ -278,11 +280,12 @@ def write_results(results: list[Result], output: Path, name: str, title: str) ->
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--value-models", nargs="+", metavar="NAME=PATH",
+    parser.add_argument("--value-models", nargs="+", metavar="NAME=PATH[,PATH ..]",
                         default=[f"scalar={CACHE / 'sentiment-4layers' / 'value_model'}",
                                  f"distributional={CACHE / 'sentiment-4layers-distributional' / 'value_model'}"],
                         help="saved value models to compare (default: the two that examples/sentiment.py trains "
-                             "with --head scalar and --head distributional)")
+                             "with --head scalar and --head distributional); several paths make an ensemble, "
+                             "VAS with each member at beta / n (the mean of their standardised Q)")
     parser.add_argument("--best-of", type=int, default=32, help="base samples per prompt; BoN-N for N = 1, 2, 4 ..")
     parser.add_argument("--samples-per-prompt", type=int, default=4, help="samples per prompt for VAS and ARGS")
     parser.add_argument("--betas", type=float, nargs="*", default=[0.5, 1, 2, 4, 8, 16, 32],
@@ -311,20 +314,15 @@ def main():
     use_threads(args.threads)
     if args.masked_betas is None:
         args.masked_betas = [] if args.baselines else [0, 2]
-    value_models = {}
-    for entry in args.value_models:
-        name, _, path = entry.partition("=")
-        if not (Path(path) / "model.safetensors").exists():
-            raise SystemExit(f"No value model at {path}: run examples/sentiment.py (--head {name}) first")
-        value_models[name] = ValueModel.from_pretrained(path)
+    value_models = {name: load_ensemble(name, paths) for name, paths in map(parse_value_model, args.value_models)}
     args.output.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_smollm2()
     prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
     base_params = matmul_parameters(model)
-    value_params = {name: matmul_parameters(value_model) for name, value_model in value_models.items()}
+    value_params = {name: [matmul_parameters(member) for member in members] for name, members in value_models.items()}
     print(f"{len(prompts)} held-out prompts; {args.max_new_tokens} new tokens; matmul parameters: base "
-          f"{base_params / 1e6:.1f}M, value models {({k: f'{v / 1e6:.1f}M' for k, v in value_params.items()})}")
+          f"{base_params / 1e6:.1f}M, value models {({k: f'{sum(v) / 1e6:.1f}M' for k, v in value_params.items()})}")
 
     sweeps = {name: [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 and args.masked_betas else [])
               for index, name in enumerate(value_models)}  # (outside_top_k, betas) per value model
@@ -346,11 +344,11 @@ def main():
 
     curve = best_of_n_curve(results)
 
-    def record(group, setting, run, per_prompt, value_tokens=0.0, matmul_value=0):
+    def record(group, setting, run, per_prompt, value_compute=0.0):
         rewards, _ = per_prompt_rewards(run, prompts, per_prompt)
         reward, se = mean_and_se(rewards.mean(-1).tolist())
         base_tokens = (run.prompt_tokens + run.slots) / per_prompt
-        compute = (base_tokens * base_params + value_tokens / per_prompt * matmul_value) / (
+        compute = (base_tokens * base_params + value_compute / per_prompt) / (
             per_sample["tokens"] * base_params)
         kl = run.log_ratio.mean().item()
         result = Result(group, setting, reward, se, kl, base_tokens / per_sample["tokens"],
@@ -364,18 +362,20 @@ def main():
         print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}{gain}, wall {result.wall:.2f}×",
               flush=True)
 
-    for name, value_model in value_models.items():
+    for name, members in value_models.items():
         for outside, betas in sweeps[name]:
             group = vas_group(name, outside, args.top_k)
             for beta in betas:
                 args.desc = f"{group} β={beta:g}"
+                member_betas = [beta / len(members)] * len(members)
                 run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
-                                 lambda: [VAS(value_model, beta=beta, top_k=args.top_k, outside_top_k=outside)], args)
-                # The value model forwards each real prompt token once, then per step the new token and (a V(s∘a)
+                                 lambda: [VAS(members, beta=member_betas, top_k=args.top_k, outside_top_k=outside)],
+                                 args)
+                # Each value model forwards each real prompt token once, then per step the new token and (a V(s∘a)
                 # head) the k candidates; a token head values them all from the one new position.
-                per_step = 1 if value_model.token_head else 1 + args.top_k
-                value_tokens = run.prompt_tokens + run.slots * per_step
-                record(group, f"β={beta:g}", run, args.samples_per_prompt, value_tokens, value_params[name])
+                value_compute = sum((run.prompt_tokens + run.slots * (1 if member.token_head else 1 + args.top_k))
+                                    * params for member, params in zip(members, value_params[name]))
+                record(group, f"β={beta:g}", run, args.samples_per_prompt, value_compute)
     for weight in args.args_weights:
         args.desc = f"ARGS {args_setting(weight)}"
         run = run_method(model, tokenizer, prompts, args.samples_per_prompt,
@@ -386,12 +386,31 @@ def main():
     for r in results:  # VAS against ARGS at equal KL, where this run sampled both on the same prompts
         if r.method.startswith("VAS") and r.vs_args is None:
             r.vs_args = difference_at_equal_kl(r, args_rows)
-    sizes = ", ".join(f"{name} {params / 1e6:.0f}M" for name, params in value_params.items())
+    sizes = ", ".join(f"{name} {'+'.join(f'{p / 1e6:.0f}M' for p in params)}" for name, params in value_params.items())
     title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
              f"T=1, k={args.top_k}; value models' matmul params: {sizes}")
     if stored:
         title += f"; Best-of-N, ARGS and other rows from {args.baselines.name}"
     write_results(results, args.output, args.name, title)
+
+
+def parse_value_model(entry: str) -> tuple[str, list[Path]]:
+    """'NAME=PATH' or 'NAME=PATH,PATH ..' (an ensemble) -> (NAME, paths)."""
+    name, sep, paths = entry.partition("=")
+    if not sep or not name or not paths or "" in paths.split(","):
+        raise SystemExit(f"--value-models entries are NAME=PATH or NAME=PATH,PATH .., got {entry!r}")
+    return name, [Path(path) for path in paths.split(",")]
+
+
+def load_ensemble(name: str, paths: list[Path]) -> list[ValueModel]:
+    """The value models of one --value-models entry; their Q must share a unit (all standardised, or none)."""
+    for path in paths:
+        if not (path / "model.safetensors").exists():
+            raise SystemExit(f"No value model at {path}: run examples/sentiment.py (--head {name}) first")
+    members = [ValueModel.from_pretrained(path) for path in paths]
+    if len({member.config.reward_std is None for member in members}) > 1:
+        raise SystemExit(f"The ensemble {name!r} mixes standardised and raw value models; their Q cannot be averaged")
+    return members
 
 
 def best_of_n_rows(base_run: Run, prompts: list[str], best_of: int, seconds_per_sample: float) -> list[Result]:

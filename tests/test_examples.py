@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import count_good_words, word_tokenizer
+from .helpers import count_good_words, tiny_value_model, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 bench_quality = pytest.importorskip("bench_quality")
@@ -81,6 +81,23 @@ def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(SystemExit, match="--baselines"):
         bench_quality.load_baselines(tmp_path / "broken.json", names=[])
+
+
+def test_value_models_entries_name_one_model_or_an_ensemble(tmp_path):
+    assert bench_quality.parse_value_model("x=a/b") == ("x", [Path("a/b")])
+    assert bench_quality.parse_value_model("ens=a,b/c") == ("ens", [Path("a"), Path("b/c")])
+    for bad in ["a/b", "=a", "x=", "x=a,,b"]:
+        with pytest.raises(SystemExit, match="NAME=PATH"):
+            bench_quality.parse_value_model(bad)
+    for name, metadata in [("raw", {}), ("standardised", dict(reward_mean=0.1, reward_std=0.5)),
+                           ("standardised2", dict(reward_mean=0.0, reward_std=2.0))]:
+        tiny_value_model("llama", **metadata).save_pretrained(tmp_path / name)
+    members = bench_quality.load_ensemble("ens", [tmp_path / "standardised", tmp_path / "standardised2"])
+    assert [member.config.reward_std for member in members] == [0.5, 2.0]
+    with pytest.raises(SystemExit, match="mixes standardised and raw"):
+        bench_quality.load_ensemble("ens", [tmp_path / "raw", tmp_path / "standardised"])
+    with pytest.raises(SystemExit, match="No value model at"):
+        bench_quality.load_ensemble("ens", [tmp_path / "standardised", tmp_path / "missing"])
 
 
 def _row(method, setting, per_prompt_reward, per_prompt_kl):
