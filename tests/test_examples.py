@@ -45,15 +45,20 @@ def test_args_style_adds_the_weighted_centred_reward_of_each_candidate_text():
         assert torch.equal(out[row, others], scores[row, others])  # outside the top k: the base's scores
 
 
-def test_gain_ratio_interpolates_best_of_n_linearly_in_kl():
+def test_gain_ratio_interpolates_best_of_n_linearly_in_sqrt_kl():
     results = [dict(method="Best-of-N", kl=0.0, reward=0.1), dict(method="Best-of-N", kl=1.0, reward=0.5),
-               dict(method="Best-of-N", kl=2.0, reward=0.6), dict(method="VAS", kl=0.5, reward=0.9)]
+               dict(method="Best-of-N", kl=4.0, reward=0.6), dict(method="VAS", kl=0.5, reward=0.9)]
     curve = bench_quality.best_of_n_curve(results)
-    assert curve == [(0.0, 0.1), (1.0, 0.5), (2.0, 0.6)]
-    # At KL 0.5 Best-of-N gives 0.3: a gain of 0.1 over the base's 0.1 is half of Best-of-N's 0.2.
-    assert bench_quality.gain_ratio(0.2, 0.5, curve) == pytest.approx(0.5)
-    assert bench_quality.gain_ratio(0.55, 1.5, curve) == pytest.approx(0.45 / 0.45)
-    assert bench_quality.gain_ratio(0.9, 2.5, curve) is None  # past the largest N: nothing to compare with
+    assert curve == [(0.0, 0.1), (1.0, 0.5), (4.0, 0.6)]
+    # At KL 0.25 (sqrt 0.5) Best-of-N gives 0.3 (a chord in KL would give 0.2): a gain of 0.1 over the base's 0.1
+    # is half of Best-of-N's 0.2.
+    assert bench_quality.gain_ratio(0.2, 0.25, curve) == pytest.approx(0.5)
+    assert bench_quality.gain_ratio(0.55, 2.25, curve) == pytest.approx(0.45 / 0.45)
+    assert bench_quality.gain_ratio(0.9, 4.5, curve) is None  # past the largest N: nothing to compare with
+    # A curve of the first-order form a + b·sqrt(KL) is read exactly between any two of its points.
+    exact = [(kl, 0.1 + 0.3 * kl ** 0.5) for kl in (0.0, 0.3, 1.7, 3.1)]
+    for kl in (0.1, 0.9, 2.4):
+        assert bench_quality.reward_at_kl(exact, kl) == pytest.approx(0.1 + 0.3 * kl ** 0.5)
 
 
 def test_baselines_reuse_an_earlier_run_but_the_methods_run_again(tmp_path):
@@ -112,21 +117,38 @@ def test_difference_to_args_at_equal_kl_interpolates_the_curve_and_pairs_the_pro
     prompt_level = torch.randn(prompts, generator=generator, dtype=torch.float64)  # shared by every method
     kl = torch.full((prompts,), 1.0, dtype=torch.float64)
     noise = lambda: 0.05 * torch.randn(prompts, generator=generator, dtype=torch.float64)  # noqa: E731
-    # ARGS's curve: reward = level + 0.2 · KL at KL 0.5 and 2; the method sits 0.1 above it at KL 1.5.
-    reference = [_row("ARGS", "w=2", prompt_level + 0.1 + noise(), 0.5 * kl),
-                 _row("ARGS", "w=8", prompt_level + 0.4 + noise(), 2.0 * kl)]
-    row = _row("VAS x", "β=2", prompt_level + 0.3 + 0.1 + noise(), 1.5 * kl)
+    # ARGS's curve: reward = level + 0.2 · sqrt(KL) at KL 0.25 and 4; the method sits 0.1 above it at KL 2.25.
+    reference = [_row("ARGS", "w=2", prompt_level + 0.1 + noise(), 0.25 * kl),
+                 _row("ARGS", "w=8", prompt_level + 0.4 + noise(), 4.0 * kl)]
+    row = _row("VAS x", "β=2", prompt_level + 0.3 + 0.1 + noise(), 2.25 * kl)
     estimate, error = bench_quality.difference_at_equal_kl(row, reference)
     expected = row.reward - (reference[0].reward + (1.5 - 0.5) / 1.5 * (reference[1].reward - reference[0].reward))
     assert estimate == pytest.approx(expected)
     assert estimate == pytest.approx(0.1, abs=0.03)
     # Paired: the prompts' own spread (std 1) cancels; unpaired errors would be about 1 / sqrt(64) = 0.125.
     assert error < 0.02
-    assert bench_quality.difference_at_equal_kl(_row("VAS x", "β=9", prompt_level, 3.0 * kl), reference) is None
+    assert bench_quality.difference_at_equal_kl(_row("VAS x", "β=9", prompt_level, 5.0 * kl), reference) is None
     older = bench_quality.Result("ARGS", "w=4", 0.2, 0.0, 1.0, 1.0, 1.0, 1.0)  # from a JSON before per-prompt figures
     assert bench_quality.difference_at_equal_kl(row, [reference[0], older]) is None
     with pytest.raises(ValueError, match="different numbers of prompts"):
         bench_quality.difference_at_equal_kl(_row("VAS x", "β=2", prompt_level[:32], kl[:32]), reference)
+
+
+def test_compare_reads_stored_and_new_rows_by_one_rule():
+    generator = torch.Generator().manual_seed(1)
+    prompt_level = torch.randn(16, generator=generator, dtype=torch.float64)
+    kl = torch.ones(16, dtype=torch.float64)
+    results = [bench_quality.Result("Best-of-N", f"N={n}", reward, 0.0, bound, n, n, n, kl_kind="formula")
+               for n, reward, bound in [(1, 0.1, 0.0), (2, 0.3, 0.19), (4, 0.5, 0.64), (8, 0.6, 1.2)]]
+    results += [_row("ARGS", "w=2", prompt_level + 0.2, 0.25 * kl), _row("ARGS", "w=4", prompt_level + 0.4, kl)]
+    stored = _row("VAS x", "β=2", prompt_level + 0.35, 0.5625 * kl)  # sqrt 0.75: ARGS's chord gives +0.3
+    stored.vs_args, stored.gain_ratio = [9.0, 9.0], 9.0  # figures a stored row kept from an older rule
+    results.append(stored)
+    bench_quality.compare(results)
+    assert stored.vs_args[0] == pytest.approx(0.05)
+    best_of = 0.3 + (0.5 - 0.3) * (0.75 - 0.19 ** 0.5) / (0.8 - 0.19 ** 0.5)  # between N=2 and N=4, in sqrt(KL)
+    assert stored.gain_ratio == pytest.approx((stored.reward - 0.1) / (best_of - 0.1))
+    assert results[0].gain_ratio is None and results[4].gain_ratio is not None
 
 
 def _future_part_records(q, r, probs, noise_std, rollouts, generator):
