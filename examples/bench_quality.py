@@ -13,12 +13,12 @@ train on), 24 new tokens, plain sampling at T=1, and is scored by the same rewar
               be sampled, which alone is a top-k sampler far from the base in KL). KL is measured: the mean
               over samples of sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] over the generated tokens. The gain
               ratio at equal KL is (reward - base) / (Best-of-N's reward at that KL - base), Best-of-N
-              interpolated linearly in KL between its N (empty past N = 32).
+              interpolated linearly in sqrt(KL) between its N (empty past N = 32).
     ARGS      the reward itself scores the decoded text of every top-k candidate at every token,
               pi(a|s) ∝ pi_ref(a|s) exp(w r(s∘a)) over the top k: VAS with Q replaced by r of the partial
               text (Khanov et al., 2024, sampled instead of greedy). Cheap here only because VADER is a lexicon.
-              Each VAS row sampled in the same run as ARGS gets "− ARGS at equal KL": its reward minus ARGS's
-              curve (interpolated linearly in KL between the two weights that bracket the row's KL), with a
+              Every VAS row (stored ones re-read by the same rule) gets "− ARGS at equal KL": its reward minus ARGS's
+              curve (interpolated linearly in sqrt(KL) between the two weights that bracket the row's KL), with a
               paired bootstrap s.e. over the prompts. The prompts' own spread cancels there; the sampling noise
               falls as 1 / sqrt(--samples-per-prompt) (16 samples: about ±0.01 on this benchmark).
 
@@ -185,10 +185,11 @@ def difference_at_equal_kl(row: Result, reference: list[Result], draws: int = 20
     """[mean, s.e.] of `row`'s reward minus the `reference` curve's reward at `row`'s KL, paired over prompts.
 
     The reference curve (e.g. ARGS's weights) is interpolated (`reward_at_kl`, linearly in sqrt(KL)) between its
-    two rows that bracket `row`'s KL. Every row must carry per-prompt rewards and KLs of the same prompts (`extra`, (P,) each): the s.e.
-    comes from resampling the prompts together for every row (a paired bootstrap), so the between-prompt spread,
-    which both methods share, cancels, and the KLs' own noise moves the interpolation point as it should. None where
-    no two reference rows bracket the KL, or a row lacks per-prompt figures (rows loaded from an older JSON)."""
+    two rows that bracket `row`'s KL. Every row must carry per-prompt rewards and KLs of the same prompts (`extra`,
+    (P,) each): the s.e. comes from resampling the prompts together for every row (a paired bootstrap), so the
+    between-prompt spread, which both methods share, cancels, and the KLs' own noise moves the interpolation point
+    as it should. None where no two reference rows bracket the KL, or a row lacks per-prompt figures (rows loaded
+    from an older JSON)."""
     rows = [row, *reference]
     if len(reference) < 2 or any("per_prompt_reward" not in r.extra or "per_prompt_kl" not in r.extra for r in rows):
         return None
