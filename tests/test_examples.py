@@ -202,3 +202,20 @@ def test_the_plot_takes_more_methods_than_it_has_colours(tmp_path):
     bench_quality.write_results(rows, tmp_path, "many", "15 methods")
     assert (tmp_path / "many.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "many.json").read_text())) == 15
+
+
+def test_value_agreement_correlates_within_state_contrasts_only():
+    value_agreement = pytest.importorskip("value_agreement")
+    generator = torch.Generator().manual_seed(2)
+    states = []
+    for _ in range(50):
+        a = torch.randn(6, generator=generator)
+        shift = 10 * torch.randn((), generator=generator)  # a per-state offset: no contrast, must not count
+        states.append(dict(w=torch.rand(6, generator=generator).add(0.1).tolist(), a=a.tolist(),
+                           same=(2 * a + shift).tolist(), opposite=(-a).tolist(),
+                           other=torch.randn(6, generator=generator).tolist()))
+    correlations = value_agreement.contrast_correlations(states)
+    assert correlations["a"]["same"] == pytest.approx(1.0)
+    assert correlations["a"]["opposite"] == pytest.approx(-1.0)
+    assert abs(correlations["a"]["other"]) < 0.2
+    assert correlations["other"]["a"] == pytest.approx(correlations["a"]["other"])
