@@ -406,16 +406,16 @@ def main():
 
 
 def compare(results: list[Result]) -> None:
-    """Sets every VAS row's gain ratio (against the Best-of-N rows) and its difference to the ARGS rows at equal
-    KL (where all carry per-prompt figures of the same prompts), stored rows included, so one rule reads them all."""
+    """Sets the gain ratio (against the Best-of-N rows) of every VAS and ARGS row and each VAS row's difference to
+    the ARGS rows at equal KL (where all carry per-prompt figures of the same prompts), stored rows included, so
+    one rule reads them all."""
     curve = best_of_n_curve(results)
     args_rows = [r for r in results if r.method == "ARGS"]
     for r in results:
+        if r.method.startswith("VAS") or r.method == "ARGS":
+            r.gain_ratio = gain_ratio(r.reward, r.kl, curve)
         if r.method.startswith("VAS"):
-            r.gain_ratio = gain_ratio(r.reward, r.kl, curve)
             r.vs_args = difference_at_equal_kl(r, args_rows)
-        elif r.method == "ARGS":
-            r.gain_ratio = gain_ratio(r.reward, r.kl, curve)
 
 
 def rescore(paths: list[Path]) -> None:
