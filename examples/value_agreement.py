@@ -66,6 +66,11 @@ def main():
     parser.add_argument("--output", type=Path, default=EXAMPLES / "results")
     parser.add_argument("--name", default="value_agreement")
     args = parser.parse_args()
+    for name in ("states", "top_k"):  # a contrast needs two candidates; a correlation, two states
+        if getattr(args, name) < 2:
+            parser.error(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}")
+    if args.max_prefix < 0:
+        parser.error(f"--max-prefix must be >= 0, got {args.max_prefix}")
     value_models = {}
     for entry in args.value_models:
         name, _, path = entry.partition("=")
