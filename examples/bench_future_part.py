@@ -71,15 +71,21 @@ def make_states(model, tokenizer, prompts: list[str], count: int, max_prefix: in
 
 
 @torch.no_grad()
+def top_candidates(model, tokenizer, state: dict, top_k: int) -> tuple[list[int], list[float], list[float]]:
+    """The base's top-k next tokens a at a state, their probabilities p(a | s) and r(s∘a), the exact reward of the
+    text so far with each."""
+    ids = state["prompt_ids"] + state["completion"]
+    top = model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1).topk(top_k)
+    candidates = top.indices.tolist()
+    candidate_texts = [tokenizer.decode(state["completion"] + [a], skip_special_tokens=True) for a in candidates]
+    return candidates, top.values.tolist(), vader_reward([state["prompt"]] * top_k, candidate_texts)
+
+
+@torch.no_grad()
 def rollout_state(model, tokenizer, state: dict, top_k: int, rollouts: int, new_tokens: int, seed: int) -> dict:
     """The base's top-k candidates of one state, their probabilities, r(s∘a) and the rewards of the rollouts."""
-    ids = state["prompt_ids"] + state["completion"]
-    logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-    probs = logits.softmax(-1)
-    top = probs.topk(top_k)
-    candidates, prompt = top.indices.tolist(), state["prompt"]
-    candidate_texts = [tokenizer.decode(state["completion"] + [a], skip_special_tokens=True) for a in candidates]
-    immediate = vader_reward([prompt] * top_k, candidate_texts)
+    ids, prompt = state["prompt_ids"] + state["completion"], state["prompt"]
+    candidates, probs, immediate = top_candidates(model, tokenizer, state, top_k)
     remaining = new_tokens - len(state["completion"]) - 1
     torch.manual_seed(state_seed(seed, state["index"]))
     rolled = [a for a in candidates if a != tokenizer.eos_token_id] if remaining > 0 else []
@@ -93,7 +99,7 @@ def rollout_state(model, tokenizer, state: dict, top_k: int, rollouts: int, new_
     returns = [vader_reward([prompt] * rollouts, texts[a]) if a in texts else [r] * rollouts  # EOS: Q = r exactly
                for a, r in zip(candidates, immediate)]
     return dict(index=state["index"], t=len(state["completion"]), candidates=candidates,
-                probs=top.values.tolist(), immediate=immediate, returns=returns)
+                probs=probs, immediate=immediate, returns=returns)
 
 
 @torch.no_grad()
@@ -114,6 +120,15 @@ def value_scores(value_model: ValueModel, state: dict, candidates: list[int]) ->
     return values.tolist()
 
 
+def within_state_covariances(weights: torch.Tensor, scores: dict[str, torch.Tensor]) -> dict[tuple[str, str], float]:
+    """Cov_w(a, b) over one state's candidates for every pair of scores (a before or equal to b in `scores`'
+    order), w = `weights` renormalised; each score is (k,)."""
+    w = weights.double() / weights.double().sum()
+    centred = {name: x.double() - (w * x.double()).sum() for name, x in scores.items()}
+    names = list(centred)
+    return {(a, b): float((w * centred[a] * centred[b]).sum()) for i, a in enumerate(names) for b in names[i:]}
+
+
 def state_moments(record: dict) -> dict[str, float]:
     """Weighted within-state moments (w = p renormalised over the candidates); 'noise' is Var_w(Q̂)'s bias."""
     w = torch.tensor(record["probs"], dtype=torch.float64)
@@ -125,12 +140,8 @@ def state_moments(record: dict) -> dict[str, float]:
     scores["f"] = scores["q"] - scores["r"]
     if "value" in record:
         scores["v"] = torch.tensor(record["value"], dtype=torch.float64)
-    centred = {name: x - (w * x).sum() for name, x in scores.items()}
     moments = {"noise": float((w * (1 - w) * noise_per_mean).sum())}
-    names = list(centred)
-    for i, a in enumerate(names):
-        for b in names[i:]:
-            moments[a + b] = float((w * centred[a] * centred[b]).sum())
+    moments.update({a + b: value for (a, b), value in within_state_covariances(w, scores).items()})
     return moments
 
 

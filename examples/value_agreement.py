@@ -25,9 +25,8 @@ import math
 from pathlib import Path
 
 import torch
-from bench_future_part import make_states, value_scores
-from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, movie_prompts, \
-    use_threads, vader_reward
+from bench_future_part import make_states, top_candidates, value_scores, within_state_covariances
+from common import EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, movie_prompts, use_threads
 from tqdm.auto import tqdm
 
 from vas_logits import ValueModel
@@ -40,15 +39,11 @@ def contrast_correlations(states: list[dict[str, list[float]]]) -> dict[str, dic
         states: one dict per state: "w", the candidates' weights (k,), and each score's (k,) values.
     """
     names = [name for name in states[0] if name != "w"]
-    covariance = {(a, b): 0.0 for a in names for b in names}
+    covariance = {}
     for state in states:
-        w = torch.tensor(state["w"], dtype=torch.float64)
-        w = w / w.sum()
-        centred = {name: torch.tensor(state[name], dtype=torch.float64) for name in names}
-        centred = {name: x - (w * x).sum() for name, x in centred.items()}
-        for a in names:
-            for b in names:
-                covariance[a, b] += float((w * centred[a] * centred[b]).sum())
+        scores = {name: torch.tensor(state[name], dtype=torch.float64) for name in names}
+        for (a, b), value in within_state_covariances(torch.tensor(state["w"]), scores).items():
+            covariance[a, b] = covariance[b, a] = covariance.get((a, b), 0.0) + value
     return {a: {b: covariance[a, b] / math.sqrt(covariance[a, a] * covariance[b, b])
                 if covariance[a, a] > 0 and covariance[b, b] > 0 else math.nan for b in names} for a in names}
 
@@ -88,18 +83,14 @@ def main():
     states = make_states(model, tokenizer, prompts, args.states, args.max_prefix, args.seed)
 
     scored = []
-    with torch.no_grad():
-        for state in tqdm(states, desc="scoring", unit="state"):
-            ids = state["prompt_ids"] + state["completion"]
-            top = model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1).topk(args.top_k)
-            candidates = top.indices.tolist()
-            texts = [tokenizer.decode(state["completion"] + [a], skip_special_tokens=True) for a in candidates]
-            record = {"w": top.values.tolist(), "r": vader_reward([state["prompt"]] * args.top_k, texts)}
-            for name, value_model in value_models.items():
-                record[name] = value_scores(value_model, state, candidates)
-            for group, members in ensembles.items():
-                record[group] = [sum(values) / len(members) for values in zip(*(record[m] for m in members))]
-            scored.append(record)
+    for state in tqdm(states, desc="scoring", unit="state"):
+        candidates, probs, immediate = top_candidates(model, tokenizer, state, args.top_k)
+        record = {"w": probs, "r": immediate}
+        for name, value_model in value_models.items():
+            record[name] = value_scores(value_model, state, candidates)
+        for group, members in ensembles.items():
+            record[group] = [sum(values) / len(members) for values in zip(*(record[m] for m in members))]
+        scored.append(record)
     correlations = contrast_correlations(scored)
 
     names = list(correlations)
