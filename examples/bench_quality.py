@@ -321,9 +321,14 @@ def main():
     parser.add_argument("--rescore", type=Path, nargs="+", default=None, metavar="JSON",
                         help="only recompute the gain ratios and differences to ARGS of stored results files with "
                              "today's rules, and rewrite them (NAME.md, .json, .png); samples nothing")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="only print each VAS row's difference to ARGS at equal KL in stored results files of "
+                             "independent runs (other seeds) and their inverse-variance mean; samples nothing")
     args = parser.parse_args()
     if args.rescore:
         return rescore(args.rescore)
+    if args.pool:
+        return print(pooled_table(args.pool))
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_threads(args.threads)
     if args.masked_betas is None:
@@ -426,6 +431,32 @@ def rescore(paths: list[Path]) -> None:
         title = markdown.read_text().splitlines()[0] if markdown.exists() else path.stem
         compare(results)
         write_results(results, path.parent, path.stem, title)
+
+
+def pool_vs_args(runs: list[list[Result]]) -> dict[tuple[str, str], list[float]]:
+    """{(method, setting): [mean, s.e.]}: the inverse-variance mean of a VAS row's difference to ARGS at equal KL
+    over independent runs (each run's own ARGS curve, other seeds), for the rows that every run has figures for."""
+    pooled = {}
+    for r in runs[0]:
+        found = [next((o.vs_args for o in run if (o.method, o.setting) == (r.method, r.setting)), None) for run in runs]
+        if not r.method.startswith("VAS") or any(v is None or not v[1] > 0 for v in found):
+            continue
+        weights = [1 / se ** 2 for _, se in found]
+        mean = sum(w * difference for w, (difference, _) in zip(weights, found)) / sum(weights)
+        pooled[r.method, r.setting] = [mean, sum(weights) ** -0.5]
+    return pooled
+
+
+def pooled_table(paths: list[Path]) -> str:
+    """A markdown table of `pool_vs_args` over stored results files, with each file's own figure."""
+    runs = [load_baselines(path, names=[]) for path in paths]
+    lines = ["| VAS row | " + " | ".join(path.stem for path in paths) + " | pooled |",
+             "|---|" + "---|" * (len(paths) + 1)]
+    for (method, setting), (mean, se) in pool_vs_args(runs).items():
+        each = [next(r for r in run if (r.method, r.setting) == (method, setting)) for run in runs]
+        cells = ["{:+.3f} ± {:.3f} @ {:.2f}".format(*r.vs_args, r.kl) for r in each]
+        lines.append(f"| {method} {setting} | " + " | ".join(cells) + f" | **{mean:+.3f} ± {se:.3f}** |")
+    return "\n".join(lines)
 
 
 def parse_value_model(entry: str) -> tuple[str, list[Path]]:

@@ -151,6 +151,25 @@ def test_compare_reads_stored_and_new_rows_by_one_rule():
     assert results[0].gain_ratio is None and results[4].gain_ratio is not None
 
 
+def test_pooling_weights_each_run_by_its_inverse_variance(tmp_path):
+    def run(seed_rows):
+        rows = [bench_quality.Result("Best-of-N", "N=1", 0.1, 0.0, 0.0, 1, 1, 1, kl_kind="formula")]
+        for method, setting, vs_args in seed_rows:
+            rows.append(bench_quality.Result(method, setting, 0.5, 0.01, 2.0, 1.0, 1.0, 1.0, vs_args=vs_args))
+        return rows
+
+    first = run([("VAS e", "β=4", [0.01, 0.005]), ("VAS e", "β=3", [0.5, 0.1]), ("ARGS", "w=6", None)])
+    second = run([("VAS e", "β=4", [0.02, 0.01]), ("VAS e", "β=3", None)])
+    pooled = bench_quality.pool_vs_args([first, second])
+    assert list(pooled) == [("VAS e", "β=4")]  # β=3 lacks a figure in the second run; ARGS rows are not pooled
+    mean, se = pooled["VAS e", "β=4"]
+    assert mean == pytest.approx((0.01 * 4 + 0.02 * 1) / 5) and se == pytest.approx((40000 + 10000) ** -0.5)
+    for name, rows in [("a", first), ("b", second)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
+    table = bench_quality.pooled_table([tmp_path / "a.json", tmp_path / "b.json"])
+    assert "| VAS e β=4 | +0.010 ± 0.005 @ 2.00 | +0.020 ± 0.010 @ 2.00 | **+0.012 ± 0.004** |" in table
+
+
 def _future_part_records(q, r, probs, noise_std, rollouts, generator):
     """bench_future_part records: candidates' returns drawn as Q + Gaussian noise."""
     returns = q[..., None] + noise_std * torch.randn(*q.shape, rollouts, generator=generator, dtype=torch.float64)
