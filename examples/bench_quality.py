@@ -322,8 +322,9 @@ def main():
                         help="only recompute the gain ratios and differences to ARGS of stored results files with "
                              "today's rules, and rewrite them (NAME.md, .json, .png); samples nothing")
     parser.add_argument("--pool", type=Path, nargs="+", default=None, metavar="JSON",
-                        help="only print each VAS row's difference to ARGS at equal KL in stored results files of "
-                             "independent runs (other seeds) and their inverse-variance mean; samples nothing")
+                        help="only print each VAS row's difference to ARGS at equal KL in stored results files of runs "
+                             "on the same prompts (other seeds), and in all of them merged prompt by prompt; "
+                             "samples nothing")
     args = parser.parse_args()
     if args.rescore:
         return rescore(args.rescore)
@@ -433,29 +434,43 @@ def rescore(paths: list[Path]) -> None:
         write_results(results, path.parent, path.stem, title)
 
 
-def pool_vs_args(runs: list[list[Result]]) -> dict[tuple[str, str], list[float]]:
-    """{(method, setting): [mean, s.e.]}: the inverse-variance mean of a VAS row's difference to ARGS at equal KL
-    over independent runs (each run's own ARGS curve, other seeds), for the rows that every run has figures for."""
-    pooled = {}
-    for r in runs[0]:
-        found = [next((o.vs_args for o in run if (o.method, o.setting) == (r.method, r.setting)), None) for run in runs]
-        if not r.method.startswith("VAS") or any(v is None or not v[1] > 0 for v in found):
+def merge_runs(runs: list[list[Result]]) -> list[Result]:
+    """The rows that every run (the same prompts, other seeds, as many samples per prompt) has with per-prompt
+    figures, each prompt's reward and KL averaged over the runs: one run with their samples together. The paired
+    bootstrap then resamples prompts once for all of them: the runs share their prompts, so their differences to
+    ARGS are not independent, and an inverse-variance mean of them would under-state the error."""
+    merged = []
+    for row in runs[0]:
+        same = [next((r for r in run if (r.method, r.setting) == (row.method, row.setting)), None) for run in runs]
+        if any(r is None or "per_prompt_reward" not in r.extra or "per_prompt_kl" not in r.extra for r in same):
             continue
-        weights = [1 / se ** 2 for _, se in found]
-        mean = sum(w * difference for w, (difference, _) in zip(weights, found)) / sum(weights)
-        pooled[r.method, r.setting] = [mean, sum(weights) ** -0.5]
-    return pooled
+        extra = {key: torch.tensor([r.extra[key] for r in same], dtype=torch.float64).mean(0).tolist()
+                 for key in ("per_prompt_reward", "per_prompt_kl")}
+        reward, reward_se = mean_and_se(extra["per_prompt_reward"])
+        kl = sum(extra["per_prompt_kl"]) / len(extra["per_prompt_kl"])
+        wall = sum(r.wall for r in same) / len(same)
+        merged.append(Result(row.method, row.setting, reward, reward_se, kl, row.forward_tokens, row.compute, wall,
+                             row.kl_kind, extra=extra))
+    args_rows = [r for r in merged if r.method == "ARGS"]
+    for r in merged:
+        r.vs_args = difference_at_equal_kl(r, args_rows) if r.method.startswith("VAS") else None
+    return merged
 
 
 def pooled_table(paths: list[Path]) -> str:
-    """A markdown table of `pool_vs_args` over stored results files, with each file's own figure."""
+    """A markdown table of each VAS row's difference to ARGS at equal KL in every stored results file and in all
+    of them merged (`merge_runs`; no gain ratios: Best-of-N rows carry no per-prompt figures to merge)."""
     runs = [load_baselines(path, names=[]) for path in paths]
-    lines = ["| VAS row | " + " | ".join(path.stem for path in paths) + " | pooled |",
+    lines = ["| VAS row | " + " | ".join(path.stem for path in paths) + " | merged |",
              "|---|" + "---|" * (len(paths) + 1)]
-    for (method, setting), (mean, se) in pool_vs_args(runs).items():
-        each = [next(r for r in run if (r.method, r.setting) == (method, setting)) for run in runs]
-        cells = ["{:+.3f} ± {:.3f} @ {:.2f}".format(*r.vs_args, r.kl) for r in each]
-        lines.append(f"| {method} {setting} | " + " | ".join(cells) + f" | **{mean:+.3f} ± {se:.3f}** |")
+    for pooled in merge_runs(runs):
+        if pooled.vs_args is None:
+            continue
+        each = [next(r for r in merge_runs([run]) if (r.method, r.setting) == (pooled.method, pooled.setting))
+                for run in runs]  # each run read by today's rule too
+        cells = ["{:+.3f} ± {:.3f} @ {:.2f}".format(*r.vs_args, r.kl) if r.vs_args else "–" for r in each]
+        lines.append(f"| {pooled.method} {pooled.setting} | " + " | ".join(cells) +
+                     " | **{:+.3f} ± {:.3f} @ {:.2f}** |".format(*pooled.vs_args, pooled.kl))
     return "\n".join(lines)
 
 

@@ -151,23 +151,33 @@ def test_compare_reads_stored_and_new_rows_by_one_rule():
     assert results[0].gain_ratio is None and results[4].gain_ratio is not None
 
 
-def test_pooling_weights_each_run_by_its_inverse_variance(tmp_path):
-    def run(seed_rows):
-        rows = [bench_quality.Result("Best-of-N", "N=1", 0.1, 0.0, 0.0, 1, 1, 1, kl_kind="formula")]
-        for method, setting, vs_args in seed_rows:
-            rows.append(bench_quality.Result(method, setting, 0.5, 0.01, 2.0, 1.0, 1.0, 1.0, vs_args=vs_args))
-        return rows
+def test_merged_runs_average_each_prompt_and_resample_the_shared_prompts_once(tmp_path):
+    generator = torch.Generator().manual_seed(2)
+    prompt_level = torch.randn(32, generator=generator, dtype=torch.float64)
+    kl = torch.ones(32, dtype=torch.float64)
 
-    first = run([("VAS e", "β=4", [0.01, 0.005]), ("VAS e", "β=3", [0.5, 0.1]), ("ARGS", "w=6", None)])
-    second = run([("VAS e", "β=4", [0.02, 0.01]), ("VAS e", "β=3", None)])
-    pooled = bench_quality.pool_vs_args([first, second])
-    assert list(pooled) == [("VAS e", "β=4")]  # β=3 lacks a figure in the second run; ARGS rows are not pooled
-    mean, se = pooled["VAS e", "β=4"]
-    assert mean == pytest.approx((0.01 * 4 + 0.02 * 1) / 5) and se == pytest.approx((40000 + 10000) ** -0.5)
+    def run(offset, noise):
+        return [bench_quality.Result("Best-of-N", "N=1", 0.1, 0.0, 0.0, 1, 1, 1, kl_kind="formula"),
+                _row("ARGS", "w=2", prompt_level, 0.25 * kl), _row("ARGS", "w=4", prompt_level + 0.4, 2.25 * kl),
+                _row("VAS e", "β=4", prompt_level + 0.2 + offset + noise, kl),
+                bench_quality.Result("VAS old", "β=2", 0.3, 0.0, 1.0, 1.0, 1.0, 1.0)]  # no per-prompt figures
+
+    noise = 0.05 * torch.randn(32, generator=generator, dtype=torch.float64)
+    first, second = run(0.01, noise), run(0.03, -noise)
+    merged = bench_quality.merge_runs([first, second])
+    assert [(r.method, r.setting) for r in merged] == [("ARGS", "w=2"), ("ARGS", "w=4"), ("VAS e", "β=4")]
+    assert merged[2].vs_args[0] == pytest.approx(0.02)  # ARGS at sqrt(KL) 1 is +0.2; the two runs' noise cancels
+    assert merged[2].vs_args[1] == pytest.approx(0.0, abs=1e-12)
+    # The same run twice is no more evidence than once: the error must not shrink by sqrt(2) as if independent.
+    alone = bench_quality.merge_runs([first])[2].vs_args
+    twice = bench_quality.merge_runs([first, first])[2].vs_args
+    assert alone[1] > 0.005 and twice == pytest.approx(alone)
     for name, rows in [("a", first), ("b", second)]:
         (tmp_path / f"{name}.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
     table = bench_quality.pooled_table([tmp_path / "a.json", tmp_path / "b.json"])
-    assert "| VAS e β=4 | +0.010 ± 0.005 @ 2.00 | +0.020 ± 0.010 @ 2.00 | **+0.012 ± 0.004** |" in table
+    each = [0.01 + noise.mean().item(), 0.03 - noise.mean().item()]  # each run read alone
+    assert table.splitlines()[2].startswith("| VAS e β=4 | {:+.3f} ± 0.0".format(each[0]))
+    assert "| {:+.3f} ± 0.0".format(each[1]) in table and "**+0.020 ± 0.000 @ 1.00**" in table
 
 
 def _future_part_records(q, r, probs, noise_std, rollouts, generator):
