@@ -70,6 +70,13 @@ def make_states(model, tokenizer, prompts: list[str], count: int, max_prefix: in
     return states
 
 
+def held_out_states(count: int, max_prefix: int, seed: int) -> tuple:
+    """(SmolLM2, its tokenizer, `make_states`' states on the held-out openings)."""
+    model, tokenizer = load_smollm2()
+    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:]
+    return model, tokenizer, make_states(model, tokenizer, prompts, count, max_prefix, seed)
+
+
 @torch.no_grad()
 def top_candidates(model, tokenizer, state: dict, top_k: int) -> tuple[list[int], list[float], list[float]]:
     """The base's top-k next tokens a at a state, their probabilities p(a | s) and r(s∘a), the exact reward of the
@@ -204,9 +211,7 @@ def main():
         parser.error(f"--max-prefix must be in [0, --max-new-tokens), got {args.max_prefix}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_threads(args.threads)
-    model, tokenizer = load_smollm2()
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:]
-    states = make_states(model, tokenizer, prompts, args.states, args.max_prefix, args.seed)
+    model, tokenizer, states = held_out_states(args.states, args.max_prefix, args.seed)
 
     settings = dict(top_k=args.top_k, rollouts=args.rollouts, max_new_tokens=args.max_new_tokens,
                     max_prefix=args.max_prefix, seed=args.seed)

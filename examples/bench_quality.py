@@ -175,7 +175,9 @@ def reward_at_kl(curve: list[tuple[float, float]], kl: float) -> float | None:
 
 def gain_ratio(reward: float, kl: float, curve: list[tuple[float, float]]) -> float | None:
     """(reward − base) / (Best-of-N's reward at the same KL − base), Best-of-N interpolated (`reward_at_kl`)
-    between its measured N; None beyond the largest N (no Best-of-N to compare with) or at KL 0."""
+    between its measured N; None beyond the largest N or without Best-of-N rows (nothing to compare with)."""
+    if not curve:
+        return None
     base, best_of = curve[0][1], reward_at_kl(curve, kl)
     return (reward - base) / (best_of - base) if best_of is not None and best_of > base else None
 
@@ -451,9 +453,7 @@ def merge_runs(runs: list[list[Result]]) -> list[Result]:
         wall = sum(r.wall for r in same) / len(same)
         merged.append(Result(row.method, row.setting, reward, reward_se, kl, row.forward_tokens, row.compute, wall,
                              row.kl_kind, extra=extra))
-    args_rows = [r for r in merged if r.method == "ARGS"]
-    for r in merged:
-        r.vs_args = difference_at_equal_kl(r, args_rows) if r.method.startswith("VAS") else None
+    compare(merged)
     return merged
 
 
@@ -461,13 +461,13 @@ def pooled_table(paths: list[Path]) -> str:
     """A markdown table of each VAS row's difference to ARGS at equal KL in every stored results file and in all
     of them merged (`merge_runs`; no gain ratios: Best-of-N rows carry no per-prompt figures to merge)."""
     runs = [load_baselines(path, names=[]) for path in paths]
+    alone = [{(r.method, r.setting): r for r in merge_runs([run])} for run in runs]  # each run by today's rule too
     lines = ["| VAS row | " + " | ".join(path.stem for path in paths) + " | merged |",
              "|---|" + "---|" * (len(paths) + 1)]
     for pooled in merge_runs(runs):
         if pooled.vs_args is None:
             continue
-        each = [next(r for r in merge_runs([run]) if (r.method, r.setting) == (pooled.method, pooled.setting))
-                for run in runs]  # each run read by today's rule too
+        each = [rows[pooled.method, pooled.setting] for rows in alone]
         cells = ["{:+.3f} ± {:.3f} @ {:.2f}".format(*r.vs_args, r.kl) if r.vs_args else "–" for r in each]
         lines.append(f"| {pooled.method} {pooled.setting} | " + " | ".join(cells) +
                      " | **{:+.3f} ± {:.3f} @ {:.2f}** |".format(*pooled.vs_args, pooled.kl))

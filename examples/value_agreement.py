@@ -25,8 +25,8 @@ import math
 from pathlib import Path
 
 import torch
-from bench_future_part import make_states, top_candidates, value_scores, within_state_covariances
-from common import EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, movie_prompts, use_threads
+from bench_future_part import held_out_states, top_candidates, value_scores, within_state_covariances
+from common import EXAMPLES, add_threads_option, use_threads
 from tqdm.auto import tqdm
 
 from vas_logits import ValueModel
@@ -78,9 +78,7 @@ def main():
             parser.error(f"--ensembles {group!r}: {unknown} are not among --value-models {list(value_models)}")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     use_threads(args.threads)
-    model, tokenizer = load_smollm2()
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:]
-    states = make_states(model, tokenizer, prompts, args.states, args.max_prefix, args.seed)
+    model, tokenizer, states = held_out_states(args.states, args.max_prefix, args.seed)
 
     scored = []
     for state in tqdm(states, desc="scoring", unit="state"):
