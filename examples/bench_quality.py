@@ -1,7 +1,7 @@
 """Reward, KL and cost of VAS against Best-of-N (and ARGS-style decoding) on SmolLM2-135M-Instruct + VADER.
 
 Every method completes the same held-out movie-review openings (the 64 that examples/sentiment.py did not
-train on), 24 new tokens, plain sampling at T=1, and is scored by the same reward (VADER compound):
+train on, or --openings FILE), 24 new tokens, plain sampling at T=1, and is scored by the same reward (VADER compound):
 
     base      plain sampling.
     BoN-N     Best-of-N, N = 1, 2, 4, ... 32: the reward picks the best of N base samples. Its expected
@@ -309,7 +309,10 @@ def main():
                         help="ARGS-style reward weights (none: skip ARGS); with --baselines, these weights are "
                              "sampled again and the stored ARGS rows of other weights are kept")
     parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=64, help="held-out prompts to use (at most 64)")
+    parser.add_argument("--prompts", type=int, default=None, help="use the first N openings (default: all of them)")
+    parser.add_argument("--openings", type=Path, default=None,
+                        help="a text file of openings, one per line, instead of the 64 held-out ones (e.g. "
+                             "examples/data/fresh_prompts.txt: 256 that neither training nor earlier runs used)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=32, help="rows per generate() call, for every method")
     parser.add_argument("--seed", type=int, default=1)
@@ -340,10 +343,10 @@ def main():
     args.output.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer = load_smollm2()
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    prompts = benchmark_prompts(args.openings, args.prompts)
     base_params = matmul_parameters(model)
     value_params = {name: [matmul_parameters(member) for member in members] for name, members in value_models.items()}
-    print(f"{len(prompts)} held-out prompts; {args.max_new_tokens} new tokens; matmul parameters: base "
+    print(f"{len(prompts)} {openings_name(args.openings)}; {args.max_new_tokens} new tokens; matmul parameters: base "
           f"{base_params / 1e6:.1f}M, value models {({k: f'{sum(v) / 1e6:.1f}M' for k, v in value_params.items()})}")
 
     sweeps = {name: [("keep", args.betas)] + ([("mask", args.masked_betas)] if index == 0 and args.masked_betas else [])
@@ -406,11 +409,25 @@ def main():
 
     compare(results)
     sizes = ", ".join(f"{name} {'+'.join(f'{p / 1e6:.0f}M' for p in params)}" for name, params in value_params.items())
-    title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} held-out movie openings, {args.max_new_tokens} tokens, "
+    title = (f"SmolLM2-135M-Instruct + VADER, {len(prompts)} {openings_name(args.openings)}, {args.max_new_tokens} tokens, "
              f"T=1, k={args.top_k}; value models' matmul params: {sizes}")
     if stored:
         title += f"; Best-of-N, ARGS and other rows from {args.baselines.name}"
     write_results(results, args.output, args.name, title)
+
+
+def benchmark_prompts(openings: Path | None, count: int | None) -> list[str]:
+    """The first `count` (default: all) lines of `openings`, or of the 64 openings examples/sentiment.py held out."""
+    prompts = openings.read_text().splitlines() if openings else movie_prompts()[NUM_TRAIN_PROMPTS:]
+    if not prompts:
+        raise ValueError(f"openings={str(openings)!r} holds no openings")
+    if count is not None and not 1 <= count <= len(prompts):
+        raise ValueError(f"prompts must be between 1 and {len(prompts)} (the openings there are), got {count}")
+    return prompts[:count]
+
+
+def openings_name(openings: Path | None) -> str:
+    return f"movie openings from {openings.name}" if openings else "held-out movie openings"
 
 
 def compare(results: list[Result]) -> None:

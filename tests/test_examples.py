@@ -248,3 +248,31 @@ def test_value_agreement_correlates_within_state_contrasts_only():
     assert correlations["a"]["opposite"] == pytest.approx(-1.0)
     assert abs(correlations["a"]["other"]) < 0.2
     assert correlations["other"]["a"] == pytest.approx(correlations["a"]["other"])
+
+
+def test_benchmark_prompts_come_from_the_held_out_split_or_a_file_and_bad_counts_name_the_argument(tmp_path):
+    assert bench_quality.benchmark_prompts(None, None) == bench_quality.movie_prompts()[320:]
+    assert len(bench_quality.benchmark_prompts(None, None)) == 64
+    openings = tmp_path / "openings.txt"
+    openings.write_text("A film that\nNever has a\nThe best of\n")
+    assert bench_quality.benchmark_prompts(openings, 2) == ["A film that", "Never has a"]
+    with pytest.raises(ValueError, match="prompts must be between 1 and 3"):
+        bench_quality.benchmark_prompts(openings, 4)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="openings=.*empty.txt"):
+        bench_quality.benchmark_prompts(tmp_path / "empty.txt", None)
+
+
+def test_fresh_openings_skip_excluded_and_repeated_ones_and_short_snippets():
+    draw_openings = pytest.importorskip("data.draw_openings").draw_openings
+    snippets = [f"Opening number {i} of a snippet long enough to count here" for i in range(20)]
+    snippets += ["Too short to be drawn at all"] * 50 + [snippets[0]] * 30  # one opening, many snippets
+    drawn = draw_openings(snippets, exclude=["Opening number 3 of"], count=19, seed=0)
+    assert sorted(drawn) == sorted({" ".join(s.split()[:4]) for s in snippets[:20]} - {"Opening number 3 of"})
+    assert drawn == draw_openings(snippets, exclude=["Opening number 3 of"], count=19, seed=0)
+    assert drawn != draw_openings(snippets, exclude=["Opening number 3 of"], count=19, seed=1)
+    shipped = (Path(__file__).resolve().parents[1] / "examples/data/fresh_prompts.txt").read_text().splitlines()
+    assert len(set(shipped)) == len(shipped) == 256
+    assert not set(shipped) & set(bench_quality.movie_prompts())  # none of the first file's openings
+    with pytest.raises(ValueError, match="count=20: only 19 new openings"):
+        draw_openings(snippets, exclude=["Opening number 3 of"], count=20, seed=0)
