@@ -66,11 +66,14 @@ def main():
             parser.error(f"--{name.replace('_', '-')} must be at least 2, got {getattr(args, name)}")
     if args.max_prefix < 0:
         parser.error(f"--max-prefix must be >= 0, got {args.max_prefix}")
-    value_models = {}
+    value_models, paths = {}, {}
     for entry in args.value_models:
         name, _, path = entry.partition("=")
         if not name or not (Path(path) / "model.safetensors").exists():
             parser.error(f"--value-models: no value model at {entry!r} (NAME=PATH)")
+        if name in paths:
+            parser.error(f"--value-models: the name {name!r} is given twice ({paths[name]!r}, {path!r})")
+        paths[name] = path
         value_models[name] = ValueModel.from_pretrained(path).eval()
     ensembles = {group: group.split("+") for group in args.ensembles}
     for group, members in ensembles.items():
@@ -101,7 +104,7 @@ def main():
     (args.output / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (args.output / f"{args.name}.json").write_text(json.dumps(dict(
         settings=dict(states=args.states, top_k=args.top_k, max_prefix=args.max_prefix, seed=args.seed),
-        value_models={name: entry.partition("=")[2] for name, entry in zip(value_models, args.value_models)},
+        value_models=paths,
         ensembles=args.ensembles, correlations=correlations), indent=1))
     print("\n".join(lines) + f"\n\nWrote {args.output / args.name}.md, {args.name}.json")
 
