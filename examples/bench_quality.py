@@ -39,6 +39,7 @@ quality.json to --output.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -353,7 +354,8 @@ def main():
               for index, name in enumerate(value_models)}  # (outside_top_k, betas) per value model
     stored = load_baselines(args.baselines, names=[vas_group(name, outside, args.top_k)
                                                    for name in value_models for outside, _ in sweeps[name]],
-                            args_settings=[args_setting(weight) for weight in args.args_weights])
+                            args_settings=[args_setting(weight) for weight in args.args_weights],
+                            openings=openings_digest(prompts))
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
     base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
@@ -381,7 +383,8 @@ def main():
                         gain_ratio=gain_ratio(reward, kl, curve),
                         extra=dict(kl_se=(run.log_ratio.std() / len(run.log_ratio) ** 0.5).item(),
                                    per_prompt_reward=rewards.mean(-1).tolist(),
-                                   per_prompt_kl=run.log_ratio.view(len(prompts), per_prompt).mean(-1).tolist()))
+                                   per_prompt_kl=run.log_ratio.view(len(prompts), per_prompt).mean(-1).tolist(),
+                                   openings=openings_digest(prompts)))
         results.append(result)
         gain = "" if result.gain_ratio is None else f", gain ratio {result.gain_ratio:.2f}"
         print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}{gain}, wall {result.wall:.2f}×",
@@ -426,6 +429,16 @@ def benchmark_prompts(openings: Path | None, count: int | None) -> list[str]:
     return prompts[:count]
 
 
+def openings_digest(prompts: list[str]) -> str:
+    """A short fingerprint of the prompts (in order) that a row's per-prompt figures belong to."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def row_openings(row: Result) -> str:
+    """The fingerprint of `row`'s prompts; rows written before --openings existed were all on the 64 held out."""
+    return row.extra.get("openings") or openings_digest(benchmark_prompts(None, None))
+
+
 def openings_name(openings: Path | None) -> str:
     return f"movie openings from {openings.name}" if openings else "held-out movie openings"
 
@@ -458,6 +471,8 @@ def merge_runs(runs: list[list[Result]]) -> list[Result]:
     figures, each prompt's reward and KL averaged over the runs: one run with their samples together. The paired
     bootstrap then resamples prompts once for all of them: the runs share their prompts, so their differences to
     ARGS are not independent, and an inverse-variance mean of them would under-state the error."""
+    if len({row_openings(r) for run in runs for r in run if "per_prompt_reward" in r.extra}) > 1:
+        raise ValueError("runs of different prompts cannot be merged prompt by prompt (see --openings, --prompts)")
     merged = []
     for row in runs[0]:
         same = [next((r for r in run if (r.method, r.setting) == (row.method, row.setting)), None) for run in runs]
@@ -465,6 +480,7 @@ def merge_runs(runs: list[list[Result]]) -> list[Result]:
             continue
         extra = {key: torch.tensor([r.extra[key] for r in same], dtype=torch.float64).mean(0).tolist()
                  for key in ("per_prompt_reward", "per_prompt_kl")}
+        extra["openings"] = row_openings(row)
         reward, reward_se = mean_and_se(extra["per_prompt_reward"])
         kl = sum(extra["per_prompt_kl"]) / len(extra["per_prompt_kl"])
         wall = sum(r.wall for r in same) / len(same)
@@ -534,11 +550,13 @@ def args_setting(weight: float) -> str:
     return f"w={weight:g}"
 
 
-def load_baselines(path: Path | None, names: list[str], args_settings: Sequence[str] = ()) -> list[Result]:
+def load_baselines(path: Path | None, names: list[str], args_settings: Sequence[str] = (),
+                   openings: str | None = None) -> list[Result]:
     """The rows of an earlier run's JSON (`--baselines`) but those of the methods in `names` and the ARGS rows of
     `args_settings` (all re-run now); [] for None. It must hold the Best-of-N curve that gain ratios are measured
-    against. A VAS method's rows go as a whole (a name may now stand for another value model); an ARGS row depends
-    only on its weight, so the stored ARGS weights not re-run stay on the curve."""
+    against, and with `openings` (an `openings_digest`) its per-prompt rows must be of those prompts. A VAS method's
+    rows go as a whole (a name may now stand for another value model); an ARGS row depends only on its weight, so
+    the stored ARGS weights not re-run stay on the curve."""
     if path is None:
         return []
 
@@ -552,6 +570,8 @@ def load_baselines(path: Path | None, names: list[str], args_settings: Sequence[
         raise SystemExit(f"--baselines {path}: not a quality.json written by this script ({error})") from error
     if not any(r.method == "Best-of-N" for r in results):
         raise SystemExit(f"--baselines {path}: it has no Best-of-N rows to measure gain ratios against")
+    if openings and any(row_openings(r) != openings for r in results if "per_prompt_reward" in r.extra):
+        raise SystemExit(f"--baselines {path}: its rows are of other prompts than these (--openings, --prompts)")
     return results
 
 

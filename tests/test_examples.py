@@ -276,3 +276,26 @@ def test_fresh_openings_skip_excluded_and_repeated_ones_and_short_snippets():
     assert not set(shipped) & set(bench_quality.movie_prompts())  # none of the first file's openings
     with pytest.raises(ValueError, match="count=20: only 19 new openings"):
         draw_openings(snippets, exclude=["Opening number 3 of"], count=20, seed=0)
+
+
+def test_rows_of_other_openings_are_neither_reused_as_baselines_nor_merged(tmp_path):
+    prompts = ["A film that", "Never has a"]
+    other = bench_quality.openings_digest(prompts)
+    assert other != bench_quality.openings_digest(prompts[::-1])  # order matters: figures are paired by index
+    held_out = bench_quality.openings_digest(bench_quality.benchmark_prompts(None, None))
+    per_prompt = dict(per_prompt_reward=[0.1, 0.2], per_prompt_kl=[1.0, 1.0])
+    legacy = [bench_quality.Result("Best-of-N", "N=1", 0.1, 0.0, 0.0, 1, 1, 1, kl_kind="formula"),
+              bench_quality.Result("ARGS", "w=4", 0.15, 0.0, 1.0, 1, 1, 1, extra=dict(per_prompt))]  # no fingerprint
+    fresh = [legacy[0], dataclasses.replace(legacy[1], extra=dict(per_prompt, openings=other))]
+    for name, rows in [("legacy", legacy), ("fresh", fresh)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
+    # Rows written before --openings existed are of the 64 held-out openings.
+    assert len(bench_quality.load_baselines(tmp_path / "legacy.json", names=[], openings=held_out)) == 2
+    with pytest.raises(SystemExit, match="legacy.json: its rows are of other prompts"):
+        bench_quality.load_baselines(tmp_path / "legacy.json", names=[], openings=other)
+    assert len(bench_quality.load_baselines(tmp_path / "fresh.json", names=[], openings=other)) == 2
+    with pytest.raises(SystemExit, match="fresh.json: its rows are of other prompts"):
+        bench_quality.load_baselines(tmp_path / "fresh.json", names=[], openings=held_out)
+    assert bench_quality.merge_runs([fresh, fresh])[0].extra["openings"] == other
+    with pytest.raises(ValueError, match="runs of different prompts"):
+        bench_quality.merge_runs([legacy, fresh])
