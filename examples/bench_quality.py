@@ -494,10 +494,14 @@ def pooled_table(paths: list[Path]) -> str:
     """A markdown table of each VAS row's difference to ARGS at equal KL in every stored results file and in all
     of them merged (`merge_runs`; no gain ratios: Best-of-N rows carry no per-prompt figures to merge)."""
     runs = [load_baselines(path, names=[]) for path in paths]
+    try:
+        merged = merge_runs(runs)
+    except ValueError as error:
+        raise SystemExit(f"--pool {' '.join(map(str, paths))}: {error}") from error
     alone = [{(r.method, r.setting): r for r in merge_runs([run])} for run in runs]  # each run by today's rule too
     lines = ["| VAS row | " + " | ".join(path.stem for path in paths) + " | merged |",
              "|---|" + "---|" * (len(paths) + 1)]
-    for pooled in merge_runs(runs):
+    for pooled in merged:
         if pooled.vs_args is None:
             continue
         each = [rows[pooled.method, pooled.setting] for rows in alone]

@@ -299,3 +299,5 @@ def test_rows_of_other_openings_are_neither_reused_as_baselines_nor_merged(tmp_p
     assert bench_quality.merge_runs([fresh, fresh])[0].extra["openings"] == other
     with pytest.raises(ValueError, match="runs of different prompts"):
         bench_quality.merge_runs([legacy, fresh])
+    with pytest.raises(SystemExit, match="--pool .*legacy.json .*fresh.json: runs of different prompts"):
+        bench_quality.pooled_table([tmp_path / "legacy.json", tmp_path / "fresh.json"])
