@@ -21,8 +21,8 @@ import logging
 import time
 
 import torch
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, mean_and_se, movie_prompts, sample,
-                    train_or_load, vader_reward)
+from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, held_out_prompts, load_smollm2, mean_and_se, movie_prompts,
+                    sample, train_or_load, vader_reward)
 from llama_server import serve, smollm2_gguf
 
 from vas_logits import VAS, CompletionsEndpoint, ValueModel, VASClient, fit
@@ -49,7 +49,7 @@ def main():
 
     model, tokenizer = load_smollm2()
     value_model = train_or_load(model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment")
-    held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
+    held_out = held_out_prompts()
     prompts = held_out * args.seeds
     rows = []
 

@@ -24,7 +24,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, load_smollm2, movie_prompts, train_or_load, vader_reward
+from common import CACHE, EXAMPLES, held_out_prompts, load_smollm2, train_or_load, vader_reward
 from llama_server import serve, smollm2_gguf
 from vllm_server import serve_vllm
 
@@ -88,7 +88,7 @@ def main():
 
     model, tokenizer = load_smollm2()
     value_model = train_or_load(model, tokenizer, "sentiment", vader_reward, "VADER compound sentiment")
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    prompts = held_out_prompts()[: args.prompts]
     lines = [f"`python examples/bench_api.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}):",
              f"{args.prompts} prompts × {args.max_new_tokens} tokens, VAS beta={args.beta:g}, k={args.top_k}; " +
              ("llama-cpp-python server (1 thread)" if args.server == "llama-cpp" else

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 from bench_quality import Result, best_of_n, best_of_n_curve, gain_ratio, matmul_parameters, write_results
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
-                    pad_token_id, use_threads, vader_reward)
+from common import (CACHE, EXAMPLES, add_threads_option, held_out_prompts, load_smollm2, mean_and_se, pad_token_id,
+                    use_threads, vader_reward)
 from tqdm.auto import tqdm
 
 from vas_logits import BlockwiseSampler, ValueModel
@@ -99,7 +99,7 @@ def main():
         raise SystemExit(f"No value model at {args.value_model}: run examples/sentiment.py first")
     value_model = ValueModel.from_pretrained(args.value_model).eval()
     model, tokenizer = load_smollm2()
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    prompts = held_out_prompts()[: args.prompts]
     base_params, value_params = matmul_parameters(model), matmul_parameters(value_model)
     prompt_tokens = sum(len(ids) for ids in tokenizer(prompts)["input_ids"]) / len(prompts)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from bench_quality import Result, matmul_parameters
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
+from common import (CACHE, EXAMPLES, add_threads_option, held_out_prompts, load_smollm2, mean_and_se, movie_prompts,
                     pad_token_id, use_threads, vader_reward)
 from tqdm.auto import tqdm
 
@@ -95,7 +95,7 @@ def main():
 
     reference, tokenizer = load_smollm2()
     pairs = preference_pairs(args.samples, tokenizer)
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    prompts = held_out_prompts()[: args.prompts]
     results_path = args.output / "dpo.json"
     results = [Result(**row) for row in json.loads(results_path.read_text())] if results_path.exists() else []
     print(f"{len(pairs)} preference pairs from {args.samples}")

@@ -37,8 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, movie_prompts, \
-    use_threads, vader_reward
+from common import CACHE, EXAMPLES, add_threads_option, held_out_prompts, load_smollm2, use_threads, vader_reward
 from tqdm.auto import tqdm
 
 from vas_logits import ValueModel
@@ -73,7 +72,7 @@ def make_states(model, tokenizer, prompts: list[str], count: int, max_prefix: in
 def held_out_states(count: int, max_prefix: int, seed: int) -> tuple:
     """(SmolLM2, its tokenizer, `make_states`' states on the held-out openings)."""
     model, tokenizer = load_smollm2()
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:]
+    prompts = held_out_prompts()
     return model, tokenizer, make_states(model, tokenizer, prompts, count, max_prefix, seed)
 
 

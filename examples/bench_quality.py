@@ -39,6 +39,7 @@ quality.json to --output.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -50,8 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
-                    pad_token_id, use_threads, vader_reward)
+from common import (CACHE, EXAMPLES, add_threads_option, held_out_prompts, load_smollm2, mean_and_se, pad_token_id,
+                    use_threads, vader_reward)
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor
 
@@ -345,6 +346,7 @@ def main():
 
     model, tokenizer = load_smollm2()
     prompts = benchmark_prompts(args.openings, args.prompts)
+    openings = openings_digest(prompts)  # stored with every per-prompt row, checked against --baselines
     base_params = matmul_parameters(model)
     value_params = {name: [matmul_parameters(member) for member in members] for name, members in value_models.items()}
     print(f"{len(prompts)} {openings_name(args.openings)}; {args.max_new_tokens} new tokens; matmul parameters: base "
@@ -355,7 +357,7 @@ def main():
     stored = load_baselines(args.baselines, names=[vas_group(name, outside, args.top_k)
                                                    for name in value_models for outside, _ in sweeps[name]],
                             args_settings=[args_setting(weight) for weight in args.args_weights],
-                            openings=openings_digest(prompts))
+                            openings=openings)
     # Base samples: every Best-of-N is a selection from these; Best-of-1 is base sampling, the cost unit.
     base_per_prompt = 1 if stored else args.best_of
     args.desc = "base samples"
@@ -384,7 +386,7 @@ def main():
                         extra=dict(kl_se=(run.log_ratio.std() / len(run.log_ratio) ** 0.5).item(),
                                    per_prompt_reward=rewards.mean(-1).tolist(),
                                    per_prompt_kl=run.log_ratio.view(len(prompts), per_prompt).mean(-1).tolist(),
-                                   openings=openings_digest(prompts)))
+                                   openings=openings))
         results.append(result)
         gain = "" if result.gain_ratio is None else f", gain ratio {result.gain_ratio:.2f}"
         print(f"{group} {setting}: reward {reward:+.3f} ± {se:.3f}, KL {kl:.2f}{gain}, wall {result.wall:.2f}×",
@@ -421,7 +423,7 @@ def main():
 
 def benchmark_prompts(openings: Path | None, count: int | None) -> list[str]:
     """The first `count` (default: all) lines of `openings`, or of the 64 openings examples/sentiment.py held out."""
-    prompts = openings.read_text().splitlines() if openings else movie_prompts()[NUM_TRAIN_PROMPTS:]
+    prompts = openings.read_text().splitlines() if openings else held_out_prompts()
     if not prompts:
         raise ValueError(f"openings={str(openings)!r} holds no openings")
     if count is not None and not 1 <= count <= len(prompts):
@@ -434,9 +436,14 @@ def openings_digest(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+@functools.cache
+def held_out_digest() -> str:
+    return openings_digest(held_out_prompts())
+
+
 def row_openings(row: Result) -> str:
     """The fingerprint of `row`'s prompts; rows written before --openings existed were all on the 64 held out."""
-    return row.extra.get("openings") or openings_digest(benchmark_prompts(None, None))
+    return row.extra.get("openings") or held_out_digest()
 
 
 def openings_name(openings: Path | None) -> str:

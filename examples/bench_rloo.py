@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from bench_dpo import sample_and_measure
 from bench_quality import Result, matmul_parameters
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
-                    use_threads, vader_reward)
+from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, held_out_prompts, load_smollm2, mean_and_se,
+                    movie_prompts, use_threads, vader_reward)
 
 
 def vader(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
@@ -98,7 +98,7 @@ def main():
 
     results_path = args.output / "rloo.json"
     results = [Result(**row) for row in json.loads(results_path.read_text())] if results_path.exists() else []
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    prompts = held_out_prompts()[: args.prompts]
     for checkpoint in checkpoints:
         cost = json.loads((checkpoint / "cost.json").read_text())
         row_setting = f"{setting}, step {cost['steps']}"

@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from common import CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, mean_and_se, movie_prompts, vader_reward
+from common import CACHE, EXAMPLES, held_out_prompts, mean_and_se, vader_reward
 
 
 def main():
@@ -56,7 +56,7 @@ def main():
     llm = LLM(str(args.model), dtype="float32", logits_processors=[vas_vllm.VASLogitsProcessor],
               max_num_seqs=args.max_num_seqs, max_model_len=512, seed=0)
     engine_start = time.perf_counter() - started
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:][: args.prompts]
+    prompts = held_out_prompts()[: args.prompts]
 
     def run(beta: float | None, name: str = "sentiment"):
         extra = None if beta is None else {"vas": name, "vas_beta": beta}

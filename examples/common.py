@@ -69,6 +69,11 @@ def movie_prompts() -> list[str]:
     return (EXAMPLES / "data" / "movie_prompts.txt").read_text().splitlines()
 
 
+def held_out_prompts() -> list[str]:
+    """The 64 movie openings that no value model here trains on (those come from the first NUM_TRAIN_PROMPTS)."""
+    return movie_prompts()[NUM_TRAIN_PROMPTS:]
+
+
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

@@ -20,8 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-from common import (EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts, sample,
-                    train_or_load, use_threads, vader_reward)
+from common import (EXAMPLES, add_threads_option, held_out_prompts, load_smollm2, mean_and_se, sample, train_or_load,
+                    use_threads, vader_reward)
 
 from vas_logits import VAS
 
@@ -100,7 +100,7 @@ def main():
                               retrain=args.retrain)
     subjectivity = train_or_load(model, tokenizer, "subjectivity", subjectivity_reward, "TextBlob subjectivity",
                                  retrain=args.retrain)
-    held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
+    held_out = held_out_prompts()
     prompts = [prompt for prompt in held_out for _ in range(args.samples_per_prompt)]
 
     grid, start = {}, time.perf_counter()

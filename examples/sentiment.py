@@ -14,8 +14,8 @@ import argparse
 import logging
 import time
 
-from common import (FIT_DEFAULTS, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_error, movie_prompts,
-                    sample, train_or_load, use_threads, vader_reward)
+from common import (FIT_DEFAULTS, add_threads_option, held_out_prompts, load_smollm2, mean_and_error, sample,
+                    train_or_load, use_threads, vader_reward)
 
 from vas_logits import VAS, PrefixRewards
 
@@ -52,7 +52,7 @@ def main():
         samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
         learning_rate=args.learning_rate, retrain=args.retrain, lookahead=args.lookahead, candidates=args.candidates,
         siblings=args.siblings)
-    held_out = movie_prompts()[NUM_TRAIN_PROMPTS:]
+    held_out = held_out_prompts()
     length = dict(max_new_tokens=args.max_new_tokens, seed=1)
     start = time.perf_counter()
     base = sample(model, tokenizer, held_out, desc="base sampling", **length)

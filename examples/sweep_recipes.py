@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 from bench_quality import best_of_n_curve, gain_ratio, run_method
-from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, load_smollm2, mean_and_se, movie_prompts,
-                    use_threads, vader_reward)
+from common import (CACHE, EXAMPLES, NUM_TRAIN_PROMPTS, add_threads_option, held_out_prompts, load_smollm2, mean_and_se,
+                    movie_prompts, use_threads, vader_reward)
 
 from vas_logits import VAS, ValueModel, fit
 from vas_logits.run_dir import FINGERPRINT_NAME, SAMPLES_NAME
@@ -76,7 +76,7 @@ def main():
 
     reference = json.loads(args.reference.read_text())
     curve = best_of_n_curve(reference)
-    prompts = movie_prompts()[NUM_TRAIN_PROMPTS:]
+    prompts = held_out_prompts()
     bench = argparse.Namespace(seed=1, batch_size=32, max_new_tokens=24)
     rows = []
     for beta in args.betas:

@@ -14,6 +14,7 @@ from .helpers import count_good_words, tiny_value_model, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 bench_quality = pytest.importorskip("bench_quality")
+common = pytest.importorskip("common")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
@@ -251,7 +252,7 @@ def test_value_agreement_correlates_within_state_contrasts_only():
 
 
 def test_benchmark_prompts_come_from_the_held_out_split_or_a_file_and_bad_counts_name_the_argument(tmp_path):
-    assert bench_quality.benchmark_prompts(None, None) == bench_quality.movie_prompts()[320:]
+    assert bench_quality.benchmark_prompts(None, None) == common.movie_prompts()[320:]
     assert len(bench_quality.benchmark_prompts(None, None)) == 64
     openings = tmp_path / "openings.txt"
     openings.write_text("A film that\nNever has a\nThe best of\n")
@@ -273,7 +274,7 @@ def test_fresh_openings_skip_excluded_and_repeated_ones_and_short_snippets():
     assert drawn != draw_openings(snippets, exclude=["Opening number 3 of"], count=19, seed=1)
     shipped = (Path(__file__).resolve().parents[1] / "examples/data/fresh_prompts.txt").read_text().splitlines()
     assert len(set(shipped)) == len(shipped) == 256
-    assert not set(shipped) & set(bench_quality.movie_prompts())  # none of the first file's openings
+    assert not set(shipped) & set(common.movie_prompts())  # none of the first file's openings
     with pytest.raises(ValueError, match="count=20: only 19 new openings"):
         draw_openings(snippets, exclude=["Opening number 3 of"], count=20, seed=0)
 
